@@ -1,0 +1,154 @@
+"""What every module shares: the base dir, rank-0 printing, dtype and device choice, user errors, and flags.
+
+Flags: every script builds its parser with `ArgumentParser` (each `--long-flag` is also accepted as `--long_flag`,
+and the other way round) and parses with `parse_args(parser, section)`, which applies a TOML preset given by
+`--config FILE` (the table named `section`, keys = that script's flags) before the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors a user can cause: printed as one line, never a traceback.
+
+class UserError(Exception):
+    """A mistake in the user's input (flags, files, data). Scripts print it as one line and exit with code 2."""
+
+
+def run_main(main, argv=None):
+    """Run a script's `main(argv)`, turning UserError into a one-line message and Ctrl+C into exit code 130."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths and printing
+
+def get_base_dir() -> Path:
+    """`$NANOCHAT_BASE_DIR`, or `~/.cache/nanochat_jax`; created on first use."""
+    base = Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat_jax")
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def process_index() -> int:
+    """This process's rank among all hosts (0 when single-host), without forcing a JAX import."""
+    if "jax" in sys.modules:
+        import jax
+        try:
+            return jax.process_index()
+        except Exception:  # backend not initialised yet
+            pass
+    return int(os.environ.get("JAX_PROCESS_ID", os.environ.get("RANK", "0")))
+
+
+def print0(*args, **kwargs):
+    """print() on process 0 only; every other process is quiet."""
+    if process_index() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+def backend() -> str:
+    """'gpu', 'tpu' or 'cpu': the platform of JAX's default devices."""
+    import jax
+    return jax.default_backend()
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+@functools.cache
+def compute_dtype():
+    """Activation/matmul dtype: `$NANOCHAT_DTYPE` if set, else bf16 on GPU/TPU and fp32 on CPU.
+
+    Master weights stay fp32 whatever this says; the model casts them to this dtype for its matmuls.
+    """
+    import jax.numpy as jnp
+    name = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
+    if name:
+        if name not in _DTYPES:
+            raise UserError(f"NANOCHAT_DTYPE={name!r} is not one of float32, bfloat16, float16")
+        return jnp.dtype(_DTYPES[name])
+    return jnp.dtype("float32") if backend() == "cpu" else jnp.dtype("bfloat16")
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None):
+    """Turn on JAX's persistent compilation cache (default: `<base dir>/jax_cache`), so reruns skip compiles."""
+    import jax
+    path = Path(path or os.environ.get("NANOCHAT_JAX_CACHE") or get_base_dir() / "jax_cache")
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags: one helper so that `--max-seq-len` and `--max_seq_len` are the same flag everywhere.
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, where every long option is accepted with dashes and with underscores."""
+
+    def add_argument(self, *names, **kwargs):
+        names = list(names)
+        for name in list(names):
+            if name.startswith("--"):
+                for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                    if alt not in names:
+                        names.append(alt)
+        return super().add_argument(*names, **kwargs)
+
+    def error(self, message):
+        # argparse's own errors already are one line plus usage; keep its exit code 2
+        super().error(message)
+
+
+def load_preset(path: str | os.PathLike, section: str) -> dict:
+    """The `[section]` table of a TOML preset, with keys normalised to argparse dests (dashes -> underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        # allow `--config d20` as a short name for configs/d20.toml
+        alt = Path(__file__).resolve().parent.parent / "configs" / f"{p.stem if p.suffix == '.toml' else p.name}.toml"
+        if not alt.is_file():
+            raise UserError(f"preset {path} not found")
+        p = alt
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"preset {p}: not valid TOML ({e})") from None
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise UserError(f"preset {p}: [{section}] must be a table")
+    return {k.replace("-", "_"): v for k, v in table.items()}
+
+
+def parse_args(parser: argparse.ArgumentParser, section: str, argv=None) -> argparse.Namespace:
+    """Parse `argv` with `parser`, after applying the `[section]` table of `--config FILE` as defaults."""
+    if not any(a.dest == "config" for a in parser._actions):
+        parser.add_argument("--config", default=None, help="TOML preset; its [%s] table sets defaults" % section)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        table = load_preset(pre.config, section)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise UserError(f"preset {pre.config} [{section}]: unknown keys {', '.join(unknown)}")
+        parser.set_defaults(**table)
+    return parser.parse_args(argv)
