@@ -381,6 +381,10 @@ def create_app(workers, tokenizer, *, max_context: int = 2048, temperature: floa
     def index():
         return Response(page, mimetype="text/html")
 
+    @app.get("/favicon.ico")
+    def favicon():
+        return "", 204
+
     @app.get("/health")
     def health():
         return jsonify(status="ok", ready=True, model=model_name, workers=len(pool.workers),
