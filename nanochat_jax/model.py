@@ -1,0 +1,297 @@
+"""The GPT, as pure functions of a params pytree (a plain nested dict of fp32 arrays, JAX (in, out) layout).
+
+    params = {"wte": (V, C), "lm_head": (C, V),
+              "blocks": {"0": {"attn": {"c_q": (C, H*D), "c_k": (C, KV*D), "c_v": (C, KV*D), "c_proj": (H*D, C),
+                                        ["ve_gate": (12, KV)]},
+                               "mlp": {"c_fc": (C, F), ["c_gate": (C, F)], "c_proj": (F, C)}}, ...},
+              2026 only: "value_embeds": {"1": (V, KV*D), ...}, "resid_lambdas": (L,), "x0_lambdas": (L,),
+                         "smear_gate": (24, 1), "smear_lambda": (1,), "backout_lambda": (1,)}
+
+V is the padded vocab (a multiple of 64); logits are sliced back to `config.vocab_size`. Master weights are fp32;
+matmuls run in `common.compute_dtype()` (fp32 on CPU, bf16 on GPU, float16 on request). Norms, rotary and the
+logit softcap are computed in fp32. Every formula follows nanochat (see tests/fixtures/nanochat_ref/*.json
+`formula_notes`); `tests/test_model.py` checks logits and gradients against nanochat's own numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.common import compute_dtype
+from nanochat_jax.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig, flops_per_token, num_params  # noqa: F401
+
+F32 = jnp.float32
+RMS_EPS = float(np.finfo(np.float32).eps)  # nanochat: F.rms_norm(eps=None) = finfo(fp32).eps in fp32
+SOFTCAP = 15.0                             # logits = 15*tanh(logits/15), in fp32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Init
+
+def init_params(config: ModelConfig, key) -> dict:
+    """Fresh fp32 params: nanochat's init_weights for the config's recipe."""
+    C, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
+    q_out, kv_out, hid = config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.mlp_hidden
+    keys = iter(jax.random.split(key, 8 * L + 8))
+    normal = lambda shape, std: std * jax.random.normal(next(keys), shape, F32)
+    uniform = lambda shape, lo, hi: jax.random.uniform(next(keys), shape, F32, lo, hi)
+    zeros = lambda shape: jnp.zeros(shape, F32)
+
+    if config.recipe == "2025":
+        # Linear N(0, 1/sqrt(fan_in)*min(1, sqrt(fan_out/fan_in))) (arXiv:2310.17813), embedding N(0,1),
+        # lm_head and both output projections zero.
+        linear = lambda fi, fo: normal((fi, fo), 1 / math.sqrt(fi) * min(1.0, math.sqrt(fo / fi)))
+        wte, lm_head = normal((V, C), 1.0), zeros((C, V))
+        fc = lambda: linear(C, hid)
+    else:
+        # Uniform with bound sqrt(3)/sqrt(C) (std 1/sqrt(C), no outliers); c_fc at 0.4x; embedding N(0, 0.8),
+        # lm_head N(0, 0.001); output projections zero.
+        s = math.sqrt(3) / math.sqrt(C)
+        linear = lambda fi, fo: uniform((fi, fo), -s, s)
+        wte, lm_head = normal((V, C), 0.8), normal((C, V), 0.001)
+        fc = lambda: uniform((C, hid), -0.4 * s, 0.4 * s)
+
+    blocks = {}
+    for i in range(L):
+        attn = {"c_q": linear(C, q_out), "c_k": linear(C, kv_out), "c_v": linear(C, kv_out),
+                "c_proj": zeros((q_out, C))}
+        if config.has_ve(i):
+            attn["ve_gate"] = uniform((VE_GATE_CHANNELS, config.n_kv_head), 0.0, 0.02)
+        mlp = {"c_fc": fc(), "c_proj": zeros((hid, C))}
+        if config.mlp == "swiglu":
+            mlp["c_gate"] = fc()
+        blocks[str(i)] = {"attn": attn, "mlp": mlp}
+
+    params = {"wte": wte, "lm_head": lm_head, "blocks": blocks}
+    if config.recipe == "2026":
+        frac = jnp.arange(L, dtype=F32) / max(L - 1, 1)
+        s = math.sqrt(3) / math.sqrt(C)
+        params.update({
+            "value_embeds": {str(i): uniform((V, kv_out), -s, s) for i in config.ve_layers},
+            "resid_lambdas": 1.15 - 0.10 * frac,   # stronger residual early, weaker deep
+            "x0_lambdas": 0.20 - 0.15 * frac,      # decaying skip to the (smeared) embedding
+            "smear_gate": uniform((SMEAR_CHANNELS, 1), 0.0, 0.02),
+            "smear_lambda": zeros((1,)),
+            "backout_lambda": jnp.full((1,), 0.2, F32),
+        })
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+def rms_norm(x):
+    """Parameter-free RMSNorm over the last axis, computed in fp32, returned in x's dtype."""
+    xf = x.astype(F32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + RMS_EPS)).astype(x.dtype)
+
+
+def linear(x, w):
+    """x @ w with the fp32 master weight cast to the activation dtype."""
+    return jnp.dot(x, w.astype(x.dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def rotary_tables(config: ModelConfig, n_pos: int):
+    """cos, sin: np.float32 (n_pos, head_dim/2). Half-split RoPE, as nanochat.
+
+    Every step is correctly rounded (power in fp64 -> fp32, reciprocal and angle in fp32, cos/sin in fp64 -> fp32),
+    so that the 2025 recipe's bf16-rounded tables equal nanochat's bit for bit.
+    """
+    hd = config.head_dim
+    exponent = (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)).astype(np.float64)
+    inv_freq = np.float32(1.0) / (float(config.rope_base) ** exponent).astype(np.float32)
+    angle = np.arange(n_pos, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos = np.cos(angle.astype(np.float64)).astype(np.float32)
+    sin = np.sin(angle.astype(np.float64)).astype(np.float32)
+    if config.recipe == "2025":  # nanochat (2025) keeps the tables in bf16 whatever the compute dtype
+        cos = cos.astype(jnp.bfloat16).astype(np.float32)
+        sin = sin.astype(jnp.bfloat16).astype(np.float32)
+    return cos, sin
+
+
+def apply_rotary(x, cos, sin):
+    """x: (B, T, N, D); cos, sin: (T, D/2) or (B, T, D/2). Rotation in fp32, result in x's dtype."""
+    if cos.ndim == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].astype(F32), x[..., d:].astype(F32)
+    y = jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], axis=-1)
+    return y.astype(x.dtype)
+
+
+def attention_impl(dtype, head_dim: int) -> str:
+    """cuDNN flash attention on GPU for bf16/fp16 with a head dim it supports, XLA otherwise
+    ($NANOCHAT_ATTN=xla|cudnn overrides)."""
+    forced = os.environ.get("NANOCHAT_ATTN", "").strip().lower()
+    if forced:
+        return forced
+    ok_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and ok_dtype and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return "xla"
+
+
+def qkv(p, x, ve, cos, sin, config: ModelConfig):
+    """Projections -> value-embedding mix -> rotary -> QK norm. x: normed input (B, T, C)."""
+    B, T, _ = x.shape
+    H, KV, D = config.n_head, config.n_kv_head, config.head_dim
+    q = linear(x, p["c_q"]).reshape(B, T, H, D)
+    k = linear(x, p["c_k"]).reshape(B, T, KV, D)
+    v = linear(x, p["c_v"]).reshape(B, T, KV, D)
+    if ve is not None:  # ResFormer value residual, gate in (0, 3) per kv head
+        gate = 3 * jax.nn.sigmoid(linear(x[..., :VE_GATE_CHANNELS], p["ve_gate"]))  # (B, T, KV)
+        v = v + gate[..., None] * ve.reshape(B, T, KV, D)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return rms_norm(q), rms_norm(k), v
+
+
+def attn_scale(config: ModelConfig) -> float:
+    """SDPA's 1/sqrt(D), times the 2026 recipe's q and k scale of 1.2 each (folded into one factor)."""
+    return config.qk_scale ** 2 / math.sqrt(config.head_dim)
+
+
+def causal_attention(q, k, v, window: int, config: ModelConfig):
+    """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups."""
+    T = q.shape[1]
+    local = (window, 0) if window < T - 1 else None
+    return jax.nn.dot_product_attention(q, k, v, scale=attn_scale(config), is_causal=True,
+                                        local_window_size=local, implementation=attention_impl(q.dtype, q.shape[-1]))
+
+
+def mlp(p, x, config: ModelConfig):
+    h = linear(x, p["c_fc"])
+    if config.mlp == "swiglu":
+        h = jax.nn.silu(linear(x, p["c_gate"])) * h
+    else:
+        h = jnp.square(jax.nn.relu(h))
+    return linear(h, p["c_proj"])
+
+
+def block(p, x, ve, cos, sin, attend, config: ModelConfig):
+    """x + attn(norm(x)); x + mlp(norm(x)). `attend(q, k, v) -> y` does the attention proper."""
+    B, T, _ = x.shape
+    q, k, v = qkv(p["attn"], rms_norm(x), ve, cos, sin, config)
+    x = x + linear(attend(q, k, v).reshape(B, T, -1), p["attn"]["c_proj"])
+    return x + mlp(p["mlp"], rms_norm(x), config)
+
+
+def smear(params, x, prev, positions):
+    """2026: x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * x[t-1], for positions >= 1 (pre-smear x).
+    x: (B, T, C); prev: (B, C), the embedding before x[:, 0] (ignored where that position is 0)."""
+    x_prev = jnp.concatenate([prev[:, None].astype(x.dtype), x[:, :-1]], axis=1)
+    gate = params["smear_lambda"].astype(x.dtype) * jax.nn.sigmoid(linear(x[..., :SMEAR_CHANNELS], params["smear_gate"]))
+    gate = jnp.where((positions >= 1)[..., None], gate, 0)
+    return x + gate * x_prev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPT
+
+def _trunk(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, positions=None):
+    """Embedding -> blocks -> final norm; returns fp32 logits (B, T, vocab) and the pre-smear embedding.
+    attend(layer, q, k, v) -> y. prev/positions: the smear's previous-token embedding and each token's position."""
+    dtype = compute_dtype()
+    x = rms_norm(params["wte"][tokens].astype(dtype))
+    emb = x
+    if config.recipe == "2026":
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            prev = jnp.zeros((tokens.shape[0], x.shape[-1]), dtype)
+        x = smear(params, x, prev, positions)
+    x0, x_backout = x, None
+    for i in range(config.n_layer):
+        if config.recipe == "2026":
+            x = params["resid_lambdas"][i].astype(dtype) * x + params["x0_lambdas"][i].astype(dtype) * x0
+        ve = params["value_embeds"][str(i)][tokens].astype(dtype) if config.has_ve(i) else None
+        x = block(params["blocks"][str(i)], x, ve, cos, sin, functools.partial(attend, i), config)
+        if config.recipe == "2026" and i == config.backout_layer:
+            x_backout = x
+    if x_backout is not None:  # backout: subtract a share of the mid-depth residual before the head
+        x = x - params["backout_lambda"].astype(dtype) * x_backout
+    x = rms_norm(x)
+    logits = jnp.dot(x, params["lm_head"].astype(dtype), preferred_element_type=F32)[..., :config.vocab_size]
+    return SOFTCAP * jnp.tanh(logits.astype(F32) / SOFTCAP), emb
+
+
+def forward(params, tokens, config: ModelConfig):
+    """tokens (B, T) int32 -> fp32 logits (B, T, vocab_size), after the softcap."""
+    T = tokens.shape[1]
+    cos, sin = rotary_tables(config, T)
+    windows = config.window_sizes
+    attend = lambda i, q, k, v: causal_attention(q, k, v, windows[i], config)
+    return _trunk(params, tokens, config, jnp.asarray(cos), jnp.asarray(sin), attend)[0]
+
+
+def token_losses(logits, targets):
+    """Cross-entropy per token (fp32, 0 where target == -1) and the validity mask."""
+    valid = targets >= 0
+    tgt = jnp.where(valid, targets, 0)
+    logits = logits.astype(F32)
+    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
+
+
+def loss_and_count(params, inputs, targets, config: ModelConfig):
+    """(sum of token losses over targets != -1, number of such targets), both fp32 scalars."""
+    losses, valid = token_losses(forward(params, inputs, config), targets)
+    return losses.sum(), valid.sum().astype(F32)
+
+
+def loss(params, inputs, targets, config: ModelConfig):
+    """Mean cross-entropy over valid targets (nanochat's loss); 0 when there are none."""
+    total, count = loss_and_count(params, inputs, targets, config)
+    return total / jnp.maximum(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cached decode (the engine's prefill and step)
+
+class KVCache(NamedTuple):
+    """Static-shape decode state. k, v: (L, B, Tmax, KV, D); prev_emb: (B, C), the last written token's
+    (normed, pre-smear) embedding, which the 2026 smear mixes into the next token."""
+    k: jax.Array
+    v: jax.Array
+    prev_emb: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or compute_dtype()
+    shape = (config.n_layer, batch, max_len, config.n_kv_head, config.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, config.n_embd), dtype))
+
+
+def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
+    """tokens (B, t) at positions pos..pos+t-1 of each row (pos: int32 (B,), traced; rows may differ) ->
+    (fp32 logits (B, t, vocab_size), new cache). Each row's earlier positions must already be in the cache.
+    Writes past Tmax are dropped: keep pos + t <= Tmax."""
+    B, t = tokens.shape
+    Tmax = cache.k.shape[2]
+    positions = pos[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, t)
+    cos_tab, sin_tab = rotary_tables(config, Tmax)
+    cos, sin = jnp.asarray(cos_tab)[positions], jnp.asarray(sin_tab)[positions]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, t))
+    key_pos = jnp.arange(Tmax, dtype=jnp.int32)
+    windows = config.window_sizes
+    new_k, new_v = cache.k, cache.v
+
+    def attend(i, q, k, v):
+        nonlocal new_k, new_v
+        new_k = new_k.at[i, rows, positions].set(k.astype(new_k.dtype), mode="drop")
+        new_v = new_v.at[i, rows, positions].set(v.astype(new_v.dtype), mode="drop")
+        delta = positions[:, :, None] - key_pos[None, None, :]        # (B, t, Tmax)
+        mask = (delta >= 0) & (delta <= windows[i])
+        kk, vv = new_k[i].astype(q.dtype), new_v[i].astype(q.dtype)
+        return jax.nn.dot_product_attention(q, kk, vv, mask=mask[:, None], scale=attn_scale(config),
+                                            implementation="xla")
+
+    logits, emb = _trunk(params, tokens, config, cos, sin, attend, prev=cache.prev_emb, positions=positions)
+    return logits, KVCache(new_k, new_v, emb[:, -1].astype(cache.prev_emb.dtype))

@@ -1,0 +1,44 @@
+"""Shared test helpers: the nanochat reference fixtures (tests/fixtures/nanochat_ref, see tests/fixtures/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+NANOCHAT_REF = Path(__file__).resolve().parent / "fixtures" / "nanochat_ref"
+SHARED_REF = Path("/work/shared/fixtures/nanochat_ref")  # the full set (head_d6_gqa2 too), when present
+
+
+def fixture_path(name: str, suffix: str = ".npz") -> Path:
+    """Path of `<name><suffix>`, from tests/fixtures, else the shared copy; skips the test when neither exists."""
+    for d in (NANOCHAT_REF, SHARED_REF):
+        p = d / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    pytest.skip(f"fixture {name}{suffix} not available")
+
+
+def load_ref(name: str):
+    """(npz arrays as a dict, the JSON meta) of a nanochat reference fixture, e.g. 'orig_d2', 'head_d4'."""
+    with np.load(fixture_path(name, ".npz")) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(fixture_path(name, ".json").read_text())
+    return arrays, meta
+
+
+def ref_state_dict(arrays: dict, prefix: str = "") -> dict:
+    """The nanochat parameters in a fixture's arrays (keys `<prefix><state_dict name>`), prefix stripped."""
+    skip = ("grad/", "act/", "rope/", "after1/", "after2/")
+    names = {"idx", "targets", "logits", "loss", "loss_fp64", "loss2"}
+    if prefix:
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return {k: v for k, v in arrays.items() if not k.startswith(skip) and k not in names}
+
+
+def max_rel(a, b) -> float:
+    """The fixture README's error: max|a-b| / max|b| over the tensor."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
