@@ -1,0 +1,484 @@
+"""Checkpoints on Orbax: save/resume a training run, load a model for inference, export weights.
+
+Layout. A run writes under `<base dir>/checkpoints/<stage>/<tag>/` (or `--output_dir`):
+
+    <dir>/<step>/params/      the params pytree (StandardSave: sharded arrays, restorable onto any mesh)
+    <dir>/<step>/train_state/ every other leaf of the train state (optimizer moments, step, ...) as a flat dict
+    <dir>/<step>/loader/      the data loader's iterator state (JsonSave)
+    <dir>/<step>/meta/        JSON meta: model_config, step, val_bpb, tokenizer fingerprint, loop state, ...
+    <dir>/tokenizer/          the tokenizer's files, written once, so a checkpoint directory is self-contained
+
+Orbax writes each step into a temporary directory and renames it when every item is on disk, so a save that was
+interrupted (SIGKILL, power loss) is never listed as a step; `latest_step()` sees only complete checkpoints.
+Saving is asynchronous: `save()` returns once the arrays are copied to host memory and the loop continues.
+
+A weights-only export (`export_weights`) is one directory: `params/` (bf16 by default, no optimizer state),
+`export.json` (meta + model_config) and `tokenizer/`.
+
+`load_model_from_path(path)` accepts (DESIGN.md §4) a run's directory (newest step), one step's directory, an
+export, or a stage directory (newest tag); `load_model(source, model_tag, step)` finds the same under the base dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax.common import UserError, get_base_dir, print0, process_index
+
+STAGES = ("base", "mid", "sft", "rl")
+EXPORT_META = "export.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "nanochat_jax/1"
+
+
+def checkpoint_dir(stage: str, tag: str) -> Path:
+    """`<base dir>/checkpoints/<stage>/<tag>`: where a run of `stage` named `tag` (e.g. 'd20') keeps checkpoints."""
+    return get_base_dir() / "checkpoints" / stage / tag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Train state <-> (params, flat dict of the other leaves)
+# The params are saved as their own nested-dict item (so inference restores them alone); everything else in the
+# train state (optax NamedTuples, the step counter, a loss scale) is flattened to {"00000": leaf, ...} in tree
+# order, which Orbax stores without needing to know the container types. The caller's target state supplies the
+# structure again on restore.
+
+def _split_state(state):
+    """state -> (params, rest) where rest is the state with params removed (a dict, NamedTuple or dataclass)."""
+    if isinstance(state, dict):
+        return state["params"], {k: v for k, v in state.items() if k != "params"}
+    if hasattr(state, "_replace"):
+        return state.params, state._replace(params=None)
+    if hasattr(state, "replace"):  # flax.struct.dataclass
+        return state.params, state.replace(params=None)
+    if dataclasses.is_dataclass(state):
+        return state.params, dataclasses.replace(state, params=None)
+    raise TypeError(f"checkpoint: cannot split a train state of type {type(state).__name__} (needs .params)")
+
+
+def _join_state(rest, params):
+    if isinstance(rest, dict):
+        return {**rest, "params": params}
+    if hasattr(rest, "_replace"):
+        return rest._replace(params=params)
+    if hasattr(rest, "replace"):
+        return rest.replace(params=params)
+    return dataclasses.replace(rest, params=params)
+
+
+def _flat(tree) -> tuple[dict, object, list[str]]:
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flat = {f"{i:05d}": leaf for i, (_, leaf) in enumerate(leaves_with_path)}
+    paths = [jax.tree_util.keystr(p) for p, _ in leaves_with_path]
+    return flat, treedef, paths
+
+
+def _abstract(x, sharding=None):
+    """A jax.ShapeDtypeStruct with a sharding, from an array, a ShapeDtypeStruct or a Python/numpy scalar."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        if x.sharding is None and sharding is not None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    a = np.asarray(x)
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or _default_sharding())
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def abstract_state(state, sharding=None):
+    """The restore target for `state`: every leaf as a ShapeDtypeStruct carrying its (current-mesh) sharding."""
+    return jax.tree.map(lambda x: _abstract(x, sharding), state)
+
+
+def _config_dict(config) -> dict:
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        d = config
+    elif hasattr(config, "to_dict"):
+        d = config.to_dict()
+    else:
+        d = dataclasses.asdict(config)
+    return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal with what JSON gives back
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+    return ocp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manager of one run's checkpoints
+
+class CheckpointManager:
+    """The checkpoints of one run (one directory): async atomic saves, keep the last `max_to_keep`, restore.
+
+        ckpt = CheckpointManager(out_dir, max_to_keep=3, tokenizer=tok)
+        ckpt.save(step, state, loader.get_state(), {"model_config": config.to_dict(), ...})
+        ...
+        state, loader_state, meta = ckpt.restore(abstract_state(state))   # newest complete step
+        ckpt.close()
+    """
+
+    def __init__(self, directory, max_to_keep: int | None = 3, async_save: bool = True, tokenizer=None):
+        ocp = _ocp()
+        self.directory = Path(directory).expanduser().resolve()
+        self.tokenizer = tokenizer
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- saving ---------------------------------------------------------------------------------------------------
+
+    def save(self, step: int, state, loader_state=None, meta: dict | None = None, force: bool = False) -> bool:
+        """Start saving `state` (a train state with `.params`, or a dict with "params") at `step`.
+
+        Returns once the arrays are copied off the devices; the files are written in the background (`wait()`).
+        Returns False if a checkpoint of this step already exists.
+        """
+        ocp = _ocp()
+        step = int(step)
+        if step in self._mngr.all_steps():
+            return False
+        params, rest = _split_state(state)
+        flat, _, paths = _flat(rest)
+        meta = dict(meta or {})
+        meta.setdefault("step", step)
+        meta["format"] = FORMAT
+        meta["train_state_leaves"] = paths
+        if self.tokenizer is not None:
+            meta.setdefault("tokenizer_fingerprint", self.tokenizer.fingerprint())
+            self._write_tokenizer()
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta),
+                 "loader": ocp.args.JsonSave(loader_state if loader_state is not None else {})}
+        if flat:
+            items["train_state"] = ocp.args.StandardSave(flat)
+        return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def _write_tokenizer(self):
+        d = self.directory / TOKENIZER_DIR
+        if process_index() != 0 or d.exists():
+            return
+        tmp = self.directory / (TOKENIZER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.tokenizer.save(tmp)
+        tmp.rename(d)
+
+    def wait(self):
+        """Block until every started save is on disk (call before exiting)."""
+        self._mngr.wait_until_finished()
+
+    def close(self):
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    # -- listing --------------------------------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Steps of complete checkpoints: Orbax lists only renamed (finished) step directories; a bare step
+        directory without Orbax's metadata file (not one Orbax finished) is skipped as well."""
+        return [s for s in sorted(self._mngr.all_steps()) if _is_complete(self.directory / str(s))]
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (an interrupted save is never listed), or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # -- restoring ------------------------------------------------------------------------------------------------
+
+    def _step(self, step):
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise UserError(f"no checkpoint in {self.directory}")
+        elif int(step) not in self.all_steps():
+            raise UserError(f"no checkpoint of step {step} in {self.directory} (have: {self.all_steps()})")
+        return int(step)
+
+    def read_meta(self, step: int | None = None) -> dict:
+        ocp = _ocp()
+        step = self._step(step)
+        return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore(self, target_state, step: int | None = None):
+        """Restore (state, loader_state, meta) of `step` (default: the newest) onto `target_state`'s shardings.
+
+        target_state: the state's structure with jax.ShapeDtypeStructs carrying shardings on the *current* mesh
+        (or concrete arrays, whose shardings are used) - see `abstract_state`. The saved mesh does not matter.
+        """
+        ocp = _ocp()
+        step = self._step(step)
+        target = abstract_state(target_state)
+        params_t, rest_t = _split_state(target)
+        flat_t, treedef, paths = _flat(rest_t)
+        meta = self.read_meta(step)
+        saved = meta.get("train_state_leaves")
+        if saved is not None and saved != paths:
+            raise UserError(f"checkpoint {self.directory}/{step} holds a different train state layout "
+                            f"({len(saved)} leaves, expected {len(paths)}): optimizer or config changed?")
+        items = {"params": ocp.args.StandardRestore(params_t), "loader": ocp.args.JsonRestore()}
+        if flat_t:
+            items["train_state"] = ocp.args.StandardRestore(flat_t)
+        r = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        rest = jax.tree_util.tree_unflatten(treedef, [r.train_state[k] for k in sorted(flat_t)]) if flat_t else rest_t
+        loader_state = r.loader if r.loader else None
+        return _join_state(rest, r.params), loader_state, meta
+
+    def restore_params(self, step: int | None = None, shardings=None):
+        """(params, meta) of `step` (default newest) without the optimizer state.
+
+        shardings: None (all on the first local device), one Sharding for every leaf, or a pytree of them.
+        """
+        ocp = _ocp()
+        step = self._step(step)
+        md = self._mngr.item_metadata(step)["params"]
+        target = _params_target(getattr(md, "tree", md), shardings)
+        r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+        return r.params, dict(r.meta)
+
+
+def _params_target(metadata_tree, shardings):
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        s = shardings or _default_sharding()
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), metadata_tree,
+                            is_leaf=is_leaf)
+    return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), metadata_tree,
+                        shardings, is_leaf=is_leaf)
+
+
+def _is_complete(step_dir: Path) -> bool:
+    return step_dir.name.isdigit() and (step_dir / "_CHECKPOINT_METADATA").is_file()
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A directory holding Orbax step directories (complete ones: they hold `_CHECKPOINT_METADATA`)."""
+    return path.is_dir() and any(_is_complete(p) for p in path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting a run: refuse to clobber, resume when asked
+
+def check_output_dir(directory, resume: bool, overwrite: bool, config=None) -> int | None:
+    """Decide what a run does with its output directory before it writes anything. Returns the step to resume.
+
+    - no checkpoint there: start fresh (None); `--resume` -> UserError.
+    - a checkpoint there: `--resume` continues from its newest step (UserError if it holds a different model
+      config); `--overwrite` deletes its checkpoints and starts fresh; neither -> UserError.
+    Call it after the other inputs are validated: `--overwrite` deletes.
+    """
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
+    directory = Path(directory).expanduser()
+    step = None
+    if directory.is_dir():
+        steps = sorted(int(p.name) for p in directory.iterdir() if _is_complete(p))
+        step = steps[-1] if steps else None
+    if step is None:
+        if resume:
+            raise UserError(f"--resume: no checkpoint in {directory}")
+        return None
+    if overwrite:
+        if process_index() == 0:
+            for p in directory.iterdir():
+                if p.name.isdigit() or ".orbax-checkpoint-tmp" in p.name or p.name == TOKENIZER_DIR:
+                    shutil.rmtree(p)
+        print0(f"--overwrite: removed the checkpoints in {directory}")
+        return None
+    meta = CheckpointManager(directory, max_to_keep=None, async_save=False).read_meta(step)
+    want = _config_dict(config)
+    if want is not None and meta.get("model_config") not in (None, want):
+        diff = sorted(k for k in set(want) | set(meta["model_config"])
+                      if want.get(k) != meta["model_config"].get(k))
+        raise UserError(f"{directory} holds a checkpoint of a different model (differs in: {', '.join(diff)}); "
+                        f"choose another --output_dir or pass --overwrite")
+    if not resume:
+        raise UserError(f"{directory} already holds a checkpoint (step {step}); pass --resume to continue it "
+                        f"or --overwrite to start over")
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGTERM / Ctrl+C: finish the step, save, exit
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a flag the loop polls, so that it saves a final checkpoint and exits.
+
+        stop = StopRequest().install()
+        for step in ...:
+            ...
+            if stop.requested: ckpt.save(step, state, ..., force=True); break
+        stop.uninstall()
+
+    A second Ctrl+C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+        print0(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then exiting "
+               f"(Ctrl+C again to abort now)")
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self):
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights-only export
+
+def export_weights(out_dir, params, config, tokenizer=None, meta: dict | None = None, dtype="bfloat16",
+                   overwrite: bool = False) -> Path:
+    """Write params (cast to `dtype`; None keeps them), model config, meta and tokenizer files to `out_dir`."""
+    ocp = _ocp()
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty; pass --overwrite to replace it")
+        if process_index() == 0:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        dt = jnp.dtype(dtype)
+        params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out / "params", params)
+        ckptr.wait_until_finished()
+    info = dict(meta or {})
+    info.update(format=FORMAT, kind="export", model_config=_config_dict(config),
+                dtype=str(jnp.dtype(dtype)) if dtype is not None else "as saved")
+    if tokenizer is not None:
+        info["tokenizer_fingerprint"] = tokenizer.fingerprint()
+    if process_index() == 0:
+        if tokenizer is not None:
+            tokenizer.save(out / TOKENIZER_DIR)
+        (out / EXPORT_META).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return out
+
+
+def _load_export(path: Path, shardings=None):
+    ocp = _ocp()
+    meta = json.loads((path / EXPORT_META).read_text(encoding="utf-8"))
+    with ocp.StandardCheckpointer() as ckptr:
+        md = ckptr.metadata(path / "params")
+        md = getattr(md, "item_metadata", md)
+        target = _params_target(getattr(md, "tree", md), shardings)
+        params = ckptr.restore(path / "params", target)
+    return params, meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a model for inference
+
+def _load_tokenizer(run_dir: Path, meta: dict):
+    """The tokenizer saved beside the checkpoints, else the base dir's (checked against the fingerprint)."""
+    from nanochat_jax import tokenizer as tok_mod
+    d = run_dir / TOKENIZER_DIR
+    tok = tok_mod.Tokenizer.from_directory(d) if d.is_dir() else tok_mod.get_tokenizer()
+    want = meta.get("tokenizer_fingerprint")
+    if want and tok.fingerprint() != want:
+        raise UserError(f"the tokenizer at {d if d.is_dir() else 'the base dir'} is not the one this model was "
+                        f"trained with (fingerprint {tok.fingerprint()} != {want})")
+    return tok
+
+
+def _make_config(meta: dict):
+    from nanochat_jax.config import ModelConfig
+    if not meta.get("model_config"):
+        raise UserError("checkpoint meta has no model_config")
+    return ModelConfig.from_dict(meta["model_config"])
+
+
+def _newest_subdir(path: Path) -> Path | None:
+    """The most recently written tag directory under a stage directory."""
+    cands = [p for p in path.iterdir() if p.is_dir() and (_is_run_dir(p) or (p / EXPORT_META).is_file())]
+    if not cands:
+        return None
+    return max(cands, key=lambda p: max((q.stat().st_mtime for q in p.iterdir()), default=p.stat().st_mtime))
+
+
+def resolve_checkpoint(path, step: int | None = None) -> tuple[str, Path, int | None]:
+    """What `--checkpoint PATH` names: ('export', dir, None) or ('run', run dir, step)."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if (p / EXPORT_META).is_file():
+        return "export", p, None
+    if _is_complete(p):
+        if step is not None and int(step) != int(p.name):
+            raise UserError(f"--step {step} contradicts the step directory {p}")
+        return "run", p.parent, int(p.name)
+    if _is_run_dir(p):
+        return "run", p, step
+    if p.is_dir():
+        sub = _newest_subdir(p)
+        if sub is not None:
+            return resolve_checkpoint(sub, step)
+    raise UserError(f"{path} is neither a checkpoint directory, a step directory, nor an export")
+
+
+def load_model_from_path(path, step: int | None = None, shardings=None, dtype=jnp.float32):
+    """(params, config, tokenizer, meta) from a run dir (newest step, or `step`), a step dir, or an export.
+
+    Params come back on the first local device (or `shardings`) and, unless dtype=None, cast to `dtype`
+    (float32: master-weight precision, which the model casts to the compute dtype itself).
+    """
+    kind, d, step = resolve_checkpoint(path, step)
+    if kind == "export":
+        params, meta = _load_export(d, shardings)
+    else:
+        mngr = CheckpointManager(d, max_to_keep=None, async_save=False)
+        params, meta = mngr.restore_params(step, shardings)
+        mngr.close()
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return params, _make_config(meta), _load_tokenizer(d, meta), meta
+
+
+def load_model(source: str, model_tag: str | None = None, step: int | None = None, **kwargs):
+    """(params, config, tokenizer, meta) of stage `source` (base|mid|sft|rl) under the base dir.
+
+    model_tag None picks the most recently written tag; step None the newest step.
+    """
+    if source not in STAGES:
+        raise UserError(f"--source must be one of {', '.join(STAGES)}, got {source!r}")
+    stage_dir = get_base_dir() / "checkpoints" / source
+    if model_tag is None:
+        sub = _newest_subdir(stage_dir) if stage_dir.is_dir() else None
+        if sub is None:
+            raise UserError(f"no {source} checkpoints under {stage_dir}; train one first")
+        path = sub
+    else:
+        path = stage_dir / model_tag
+        if not path.exists():
+            have = sorted(p.name for p in stage_dir.iterdir()) if stage_dir.is_dir() else []
+            raise UserError(f"no {source} checkpoint tagged {model_tag!r} (have: {', '.join(have) or 'none'})")
+    return load_model_from_path(path, step=step, **kwargs)
