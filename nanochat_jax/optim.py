@@ -1,0 +1,358 @@
+"""Muon + AdamW, as nanochat trains: Muon for every matrix inside the transformer blocks, AdamW groups for the rest.
+
+Two recipes (nanochat's 2025 original and its 2026 head, `fixtures/nanochat_ref/*.json` `formula_notes`):
+- 2025: Nesterov momentum (0.85 -> 0.95 over 300 steps), quintic Newton-Schulz (3.4445, -4.7750, 2.0315) x5 in
+  bf16 on X/(|X|_F + 1e-7), update scaled by sqrt(max(1, rows/cols)); AdamW (0.8, 0.95) for wte and lm_head.
+- 2026: Nesterov momentum, MuonEq row equilibration, Polar Express x5 (in the compute dtype), Muon+ renormalisation,
+  NorMuon variance reduction, cautious weight decay; six AdamW groups with their own lr / betas / weight decay.
+
+Layout: our weights are JAX (in, out); nanochat's "rows" are the output dim = our LAST axis, "cols" = axis -2.
+
+`build_optimizer(params, config, opt_cfg, num_steps, mesh=None)` -> optax.GradientTransformation (multi_transform over
+`param_labels(params)`). With a mesh, Muon's orthogonalisation is split across the `data` axis: same-shape matrices are
+stacked and the stack is sharded, so each device orthogonalises its share (like nanochat's DistMuon).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nanochat_jax.common import UserError, compute_dtype
+
+# 2025: quintic Newton-Schulz coefficients, tuned to maximise the slope at zero (Keller Jordan's Muon)
+NS_COEFFS_2025 = (3.4445, -4.7750, 2.0315)
+# 2026: Polar Express, num_iters=5, safety_factor=2e-2, cushion=2 (arXiv 2505.16932), as in nanochat head
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hyperparameters
+
+@dataclasses.dataclass(frozen=True)
+class OptConfig:
+    """Optimizer hyperparameters. Defaults are nanochat's per recipe (see `for_recipe`); `lr_scale` is the
+    batch-size LR correction and `weight_decay` the already-scaled Muon weight decay (config.py derives both)."""
+    recipe: str = "2026"
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28
+    lr_scale: float = 1.0
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    ns_steps: int = 5
+    muon_beta2: float = 0.9           # NorMuon second-moment EMA (2026)
+    muon_dtype: str | None = None     # None: bf16 for 2025 (always), the compute dtype (bf16 or fp32) for 2026
+    schedules: bool = True            # False: lr multiplier 1, momentum 0.95, constant wd (the fixtures' setting)
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "2026", **overrides) -> "OptConfig":
+        if recipe == "2025":
+            base = dict(recipe="2025", embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0, warmup_steps=0,
+                        warmdown_ratio=0.2, final_lr_frac=0.0)
+        elif recipe == "2026":
+            base = dict(recipe="2026")
+        else:
+            raise UserError(f"unknown recipe {recipe!r} (expected 2025 or 2026)")
+        base.update(overrides)
+        return cls(**base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules (functions of the 0-based step, like nanochat's base_train; jnp-traceable)
+
+def lr_multiplier(opt_cfg: OptConfig, num_steps: int) -> Callable:
+    """Linear warmup over `warmup_steps`, constant, then linear warmdown over the last `warmdown_ratio` of the
+    steps to `final_lr_frac` (nanochat base_train.get_lr_multiplier)."""
+    if not opt_cfg.schedules:
+        return lambda step: jnp.ones((), jnp.float32)
+    warmup = opt_cfg.warmup_steps
+    warmdown = round(opt_cfg.warmdown_ratio * num_steps)
+    final = opt_cfg.final_lr_frac
+
+    def fn(step):
+        it = jnp.asarray(step, jnp.float32)
+        up = (it + 1) / max(warmup, 1)
+        progress = (num_steps - it) / max(warmdown, 1)
+        down = progress + (1 - progress) * final
+        return jnp.where(it < warmup, up, jnp.where(it <= num_steps - warmdown, 1.0, down))
+    return fn
+
+
+def muon_momentum(opt_cfg: OptConfig, num_steps: int) -> Callable:
+    """2025: 0.85 -> 0.95 over the first 300 steps. 2026: 0.85 -> 0.97 over 400 steps, then 0.97 -> 0.90 during
+    the LR warmdown (nanochat base_train.get_muon_momentum)."""
+    if not opt_cfg.schedules:
+        return lambda step: jnp.asarray(0.95, jnp.float32)
+    if opt_cfg.recipe == "2025":
+        return lambda step: 0.85 + 0.10 * jnp.minimum(jnp.asarray(step, jnp.float32) / 300, 1.0)
+    warmdown = round(opt_cfg.warmdown_ratio * num_steps)
+    start = num_steps - warmdown
+
+    def fn(step):
+        it = jnp.asarray(step, jnp.float32)
+        warm = (1 - it / 400) * 0.85 + (it / 400) * 0.97
+        progress = (it - start) / max(warmdown, 1)
+        down = 0.97 * (1 - progress) + 0.90 * progress
+        return jnp.where(it < 400, warm, jnp.where(it >= start, down, 0.97))
+    return fn
+
+
+def muon_weight_decay(opt_cfg: OptConfig, num_steps: int) -> Callable:
+    """2026: cosine decay of the (scaled) weight decay to 0 over the run; 2025: none."""
+    wd = opt_cfg.weight_decay
+    if not opt_cfg.schedules or opt_cfg.recipe == "2025":
+        return lambda step: jnp.asarray(wd, jnp.float32)
+    return lambda step: wd * 0.5 * (1 + jnp.cos(jnp.pi * jnp.asarray(step, jnp.float32) / max(num_steps, 1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orthogonalisation (batched over a leading stack axis; X is (..., in, out) in JAX layout)
+
+def _iterate(W, coeffs):
+    """W is 'wide' (m <= n in the layout nanochat iterates on): A = W W^T, B = bA + cA^2, W = aW + BW."""
+    for a, b, c in coeffs:
+        A = W @ jnp.swapaxes(W, -1, -2)
+        B = b * A + c * (A @ A)
+        W = a * W + B @ W
+    return W
+
+
+def _to_torch_iter_layout(Y):
+    """Our (in, out) matrix as the matrix nanochat iterates on. nanochat holds X = Y^T (out, in); the 2025 code
+    transposes it when rows > cols, the 2026 code picks X^T X for tall X: both iterate on Y itself when out > in,
+    else on Y^T."""
+    n_in, n_out = Y.shape[-2], Y.shape[-1]
+    return (Y, False) if n_out > n_in else (jnp.swapaxes(Y, -1, -2), True)
+
+
+def newton_schulz_2025(G, steps: int = 5, dtype=jnp.bfloat16):
+    """nanochat 2025 zeropower_via_newtonschulz5: quintic NS in `dtype` on X/(|X|_F + 1e-7)."""
+    X = G.astype(dtype)
+    W, transposed = _to_torch_iter_layout(X)
+    W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) + 1e-7)
+    W = _iterate(W, (NS_COEFFS_2025,) * steps)
+    return jnp.swapaxes(W, -1, -2) if transposed else W
+
+
+def polar_express(X, steps: int = 5):
+    """nanochat 2026: X/(1.01|X|_F + 1e-6), then Polar Express iterations, in X's dtype."""
+    W, transposed = _to_torch_iter_layout(X)
+    W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) * 1.01 + 1e-6)
+    W = _iterate(W, POLAR_EXPRESS_COEFFS[:steps])
+    return jnp.swapaxes(W, -1, -2) if transposed else W
+
+
+def _fro(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+
+
+def _muon_2026_core(g, buf, s2, p, momentum, lr, wd, beta2, ns_steps, dtype):
+    """One stacked 2026 Muon step (formula_notes 'Muon step'). g, buf, p: (n, in, out) fp32; s2 factored.
+    Returns (update, new_buf, new_s2)."""
+    n_in, n_out = g.shape[-2], g.shape[-1]
+    buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
+    g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
+    X = g.astype(dtype)
+    # MuonEq: each output row (our column) rescaled to the mean row norm
+    target = _fro(X) / math.sqrt(n_out)
+    row_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(X.astype(jnp.float32)), axis=-2, keepdims=True)), 1e-6)
+    X = X * (target / row_norm).astype(dtype)
+    X = polar_express(X, ns_steps)
+    u = X.astype(jnp.float32)
+    # Muon+: snap |X|_F to sqrt(min(rows, cols)), the norm of an exact semi-orthogonal matrix
+    u = u * (math.sqrt(min(n_in, n_out)) / jnp.maximum(_fro(u), 1e-6))
+    # NorMuon: factored second moment over nanochat's red_dim (cols if rows >= cols, else rows)
+    red_axis = -2 if n_out >= n_in else -1
+    red_size = u.shape[red_axis]
+    v_mean = jnp.mean(jnp.square(u), axis=red_axis, keepdims=True)
+    v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * red_size)
+    s2 = s2 + (1 - beta2) * (v_mean - s2)
+    step = jax.lax.rsqrt(jnp.maximum(s2, 1e-10))
+    v_norm_new = jnp.sqrt(jnp.sum(v_mean * red_size * jnp.square(step), axis=(-2, -1), keepdims=True))
+    u = u * (step * (v_norm / jnp.maximum(v_norm_new, 1e-10)))
+    # cautious weight decay: decay only where the update and the weight agree in sign
+    lr_eff = lr * math.sqrt(max(1.0, n_out / n_in))
+    mask = (u * p) >= 0
+    update = -(lr_eff * u + lr_eff * wd * p * mask)
+    return update, buf, s2
+
+
+def _muon_2025_core(g, buf, momentum, lr, ns_steps, dtype):
+    n_in, n_out = g.shape[-2], g.shape[-1]
+    buf = buf + (1 - momentum) * (g - buf)
+    g = g + momentum * (buf - g)
+    X = newton_schulz_2025(g, ns_steps, dtype).astype(jnp.float32)
+    return -lr * math.sqrt(max(1.0, n_out / n_in)) * X, buf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon as an optax GradientTransformation
+
+class MuonState(NamedTuple):
+    count: jax.Array            # int32 step counter (0-based step of the next update)
+    momentum: Any               # params-shaped momentum buffers
+    second_moment: Any          # NorMuon factored second moment per matrix: (1, out) or (in, 1); None in 2025
+
+
+def _as_schedule(x):
+    return x if callable(x) else (lambda step, _x=x: jnp.asarray(_x, jnp.float32))
+
+
+def _stack_sharding(mesh, axis, n):
+    if mesh is None or axis not in mesh.axis_names or mesh.shape[axis] == 1:
+        return None, n
+    size = mesh.shape[axis]
+    spec = jax.sharding.PartitionSpec(axis, None, None)
+    return jax.sharding.NamedSharding(mesh, spec), -(-n // size) * size
+
+
+def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: float = 0.9, ns_steps: int = 5,
+         dtype=None, mesh=None, shard_axis: str = "data") -> optax.GradientTransformation:
+    """Muon over a pytree of 2-D matrices (JAX (in, out) layout). lr / momentum / weight_decay: floats or
+    functions of the 0-based step. Matrices of the same shape are stacked and orthogonalised together; with a
+    mesh, the stack is sharded over `shard_axis` so that each device does its share."""
+    lr_fn, mom_fn, wd_fn = _as_schedule(lr), _as_schedule(momentum), _as_schedule(weight_decay)
+    if dtype is None:
+        dtype = jnp.bfloat16 if recipe == "2025" else (
+            jnp.bfloat16 if compute_dtype() == jnp.bfloat16 else jnp.float32)  # fp16 is unstable here: fp32
+
+    def init_fn(params):
+        for p in jax.tree.leaves(params):
+            if p.ndim != 2:
+                raise ValueError(f"Muon only takes matrices, got shape {p.shape}")
+        mom = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if recipe == "2025":
+            return MuonState(jnp.zeros((), jnp.int32), mom, None)
+
+        def factored(p):
+            n_in, n_out = p.shape
+            return jnp.zeros((1, n_out) if n_out >= n_in else (n_in, 1), jnp.float32)
+        return MuonState(jnp.zeros((), jnp.int32), mom, jax.tree.map(factored, params))
+
+    def update_fn(updates, state, params=None):
+        if recipe == "2026" and params is None:
+            raise ValueError("Muon (2026) needs params for cautious weight decay")
+        g_leaves, treedef = jax.tree.flatten(updates)
+        m_leaves = treedef.flatten_up_to(state.momentum)
+        p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
+        s_leaves = treedef.flatten_up_to(state.second_moment) if recipe == "2026" else [None] * len(g_leaves)
+        step = state.count
+        lr_t, mom_t, wd_t = lr_fn(step), mom_fn(step), wd_fn(step)
+
+        out_u, out_m, out_s = [None] * len(g_leaves), [None] * len(g_leaves), [None] * len(g_leaves)
+        groups: dict[tuple, list[int]] = {}
+        for i, g in enumerate(g_leaves):
+            groups.setdefault(tuple(g.shape), []).append(i)
+        for shape, idx in groups.items():
+            sharding, padded = _stack_sharding(mesh, shard_axis, len(idx))
+
+            def stack(leaves, _idx=idx, _padded=padded, _sharding=sharding):
+                x = jnp.stack([leaves[i].astype(jnp.float32) for i in _idx])
+                if _padded > len(_idx):
+                    x = jnp.concatenate([x, jnp.zeros((_padded - len(_idx),) + x.shape[1:], x.dtype)])
+                if _sharding is not None:
+                    x = jax.lax.with_sharding_constraint(x, _sharding)
+                return x
+
+            g, buf = stack(g_leaves), stack(m_leaves)
+            if recipe == "2025":
+                u, buf = _muon_2025_core(g, buf, mom_t, lr_t, ns_steps, dtype)
+                s2 = None
+            else:
+                u, buf, s2 = _muon_2026_core(g, buf, stack(s_leaves), stack(p_leaves), mom_t, lr_t, wd_t, beta2,
+                                             ns_steps, dtype)
+            for k, i in enumerate(idx):
+                out_u[i] = u[k].astype(g_leaves[i].dtype)
+                out_m[i] = buf[k]
+                if s2 is not None:
+                    out_s[i] = s2[k]
+        new_state = MuonState(
+            step + 1, treedef.unflatten(out_m), treedef.unflatten(out_s) if recipe == "2026" else None)
+        return treedef.unflatten(out_u), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter groups
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def param_label(path: str, ndim: int) -> str:
+    """The optimizer group of the param at `path` ('blocks/0/attn/c_q', 'wte', ...)."""
+    top = path.split("/")[0]
+    if top == "blocks":
+        if ndim != 2:  # non-matrix params never reach Muon
+            raise ValueError(f"{path}: a non-matrix param inside the blocks has no optimizer group")
+        return "muon"
+    return {"wte": "embedding", "lm_head": "unembedding", "value_embeds": "value_embeds",
+            "resid_lambdas": "resid", "x0_lambdas": "x0", "smear_gate": "smear", "smear_lambda": "smear",
+            "backout_lambda": "smear"}.get(top) or _unknown(path)
+
+
+def _unknown(path):
+    raise ValueError(f"{path}: no optimizer group for this param")
+
+
+def param_labels(params):
+    """A pytree like `params` whose leaves are group names: 'muon' (block matrices), 'embedding', 'unembedding',
+    'value_embeds', 'resid', 'x0', 'smear'."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: param_label(_path_str(path), p.ndim), params)
+
+
+def adamw_groups(config, opt_cfg: OptConfig) -> dict[str, dict]:
+    """AdamW group -> dict(lr, b1, b2, wd) at lr multiplier 1 (nanochat's GPT.setup_optimizer)."""
+    s = (config.n_embd / 768) ** -0.5   # AdamW LRs tuned at width 768, scaled by 1/sqrt(width)
+    k = opt_cfg.lr_scale
+    if opt_cfg.recipe == "2025":
+        wd = opt_cfg.weight_decay
+        return {"unembedding": dict(lr=opt_cfg.unembedding_lr * s * k, b1=0.8, b2=0.95, wd=wd),
+                "embedding": dict(lr=opt_cfg.embedding_lr * s * k, b1=0.8, b2=0.95, wd=wd)}
+    return {
+        "unembedding": dict(lr=opt_cfg.unembedding_lr * s * k, b1=0.8, b2=0.96, wd=0.01),
+        "embedding": dict(lr=opt_cfg.embedding_lr * s * k, b1=0.8, b2=0.995, wd=0.001),
+        "value_embeds": dict(lr=opt_cfg.embedding_lr * s * k * 0.5, b1=0.8, b2=0.995, wd=0.01),
+        "resid": dict(lr=opt_cfg.scalar_lr * 0.01 * k, b1=0.8, b2=0.95, wd=0.05),
+        "x0": dict(lr=opt_cfg.scalar_lr * k, b1=0.96, b2=0.95, wd=0.0),
+        "smear": dict(lr=0.2, b1=0.8, b2=0.95, wd=0.0),   # fixed in nanochat's setup_optimizer
+    }
+
+
+def build_optimizer(params, config, opt_cfg: OptConfig | None = None, num_steps: int = 1, mesh=None
+                    ) -> optax.GradientTransformation:
+    """Muon for the block matrices + AdamW groups, with nanochat's schedules over `num_steps`. `params` only
+    supplies the labels (shapes are enough: an abstract tree from jax.eval_shape works)."""
+    opt_cfg = opt_cfg or OptConfig.for_recipe(getattr(config, "recipe", "2026"))
+    lrm = lr_multiplier(opt_cfg, num_steps)
+    groups = adamw_groups(config, opt_cfg)
+    used = set(jax.tree.leaves(param_labels(params)))
+    missing = used - set(groups) - {"muon"}
+    if missing:
+        raise ValueError(f"recipe {opt_cfg.recipe} has no AdamW group for {sorted(missing)}")
+    transforms = {}
+    for name, h in groups.items():
+        transforms[name] = optax.adamw(learning_rate=lambda step, _lr=h["lr"]: _lr * lrm(step), b1=h["b1"],
+                                       b2=h["b2"], eps=1e-10, weight_decay=h["wd"])
+    mlr = opt_cfg.matrix_lr * opt_cfg.lr_scale
+    dtype = jnp.dtype(opt_cfg.muon_dtype) if opt_cfg.muon_dtype else None
+    transforms["muon"] = muon(lambda step: mlr * lrm(step), muon_momentum(opt_cfg, num_steps),
+                              muon_weight_decay(opt_cfg, num_steps), recipe=opt_cfg.recipe,
+                              beta2=opt_cfg.muon_beta2, ns_steps=opt_cfg.ns_steps, dtype=dtype, mesh=mesh)
+    return optax.multi_transform(transforms, param_labels)
