@@ -1,0 +1,201 @@
+"""Facts about the downloads in nanochat_jax/dataset.py and scripts/download_data.py, against a local HTTP server
+(127.0.0.1, started by the test) that serves generated parquet shards and can misbehave on request."""
+
+import io
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nanochat_jax import dataset
+from nanochat_jax.common import UserError
+
+
+def parquet_bytes(index: int, n_docs: int = 50) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pa.array(["probe"])   # see tests/test_dataset_readers.py: a first probe may raise on this venv's pandas
+    except ValueError:
+        pass
+    buf = io.BytesIO()
+    docs = [f"shard {index} document {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(n_docs)]
+    pq.write_table(pa.table({"text": docs}), buf, row_group_size=16)
+    return buf.getvalue()
+
+
+class Server:
+    """Serves /shard_NNNNN.parquet (generated) and any file put in `files`. `plans[path]` is a list of behaviours
+    used one per request ("500", "404", "cut", "corrupt"); when it runs out, requests succeed. Range is honoured."""
+
+    def __init__(self):
+        self.files, self.plans, self.requests = {}, {}, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                plan = server.plans.get(self.path, [])
+                action = plan.pop(0) if plan else "ok"
+                body = server.body(self.path)
+                if action == "404" or body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                if action == "500":
+                    self.send_error(500, "Internal Server Error")
+                    return
+                if action == "corrupt":
+                    body = b"PAR1" + bytes(len(body) - 8) + b"PAR1"   # right size, unreadable footer
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and action != "norange":
+                    start = int(rng.split("=")[1].split("-")[0])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if action == "cut":          # half the bytes, then the connection drops
+                    self.wfile.write(body[start:start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def body(self, path):
+        if path in self.files:
+            return self.files[path]
+        name = path.lstrip("/")
+        if name.startswith("shard_") and name.endswith(".parquet"):
+            return parquet_bytes(int(name[6:11]))
+        return None
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def fetch(server, name, dest, **kw):
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("timeout", 10)
+    return dataset.download_file(f"{server.url}/{name}", dest, **kw)
+
+
+def test_happy_path_shards_land_whole_and_are_skipped_next_time(server, base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+    paths = dataset.download_shards(3, "fineweb-edu-100b", workers=2)
+    assert [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
+    for p in paths:
+        assert p.read_bytes() == parquet_bytes(int(p.name[6:11]))
+    assert not list(paths[0].parent.glob("*.part"))
+    assert dataset.list_shards("fineweb-edu-100b") == paths
+    train, val = dataset.split_shards(paths)
+    assert val == [paths[-1]] and train == paths[:2]
+    n = len(server.requests)
+    dataset.download_shards(3, "fineweb-edu-100b", workers=2)
+    assert len(server.requests) == n          # nothing fetched again
+
+
+def test_shard_urls_default_to_hf_and_follow_the_env(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
+    assert dataset.shard_url(7, "climbmix-400b") == \
+        "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00007.parquet"
+    assert dataset.shard_url(1822, "fineweb-edu-100b").endswith("fineweb-edu-100b-shuffle/resolve/main/shard_01822.parquet")
+    monkeypatch.setenv("NANOCHAT_DATA_URL", "http://mirror/x/")
+    assert dataset.shard_url(3, "climbmix-400b") == "http://mirror/x/shard_00003.parquet"
+    assert dataset.shard_indices(-1, "climbmix-400b") == list(range(6543))
+    assert dataset.shard_indices(2, "climbmix-400b") == [0, 6542]
+    with pytest.raises(UserError, match="unknown dataset"):
+        dataset.shard_url(0, "nope")
+
+
+def test_cut_off_download_resumes_with_a_range_request(server, tmp_path):
+    server.plans["/shard_00004.parquet"] = ["cut"]
+    dest = fetch(server, "shard_00004.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    assert dest.read_bytes() == parquet_bytes(4)
+    ranges = [r for p, r in server.requests]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
+    assert int(ranges[1][6:-1]) > 0                   # resumed from the bytes already there
+    assert not (tmp_path / "s.parquet.part").exists()
+
+
+def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
+    body = parquet_bytes(5)
+    (tmp_path / "s.parquet.part").write_bytes(body[:1000])
+    fetch(server, "shard_00005.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    assert (tmp_path / "s.parquet").read_bytes() == body
+    assert server.requests == [("/shard_00005.parquet", "bytes=1000-")]
+
+
+def test_server_errors_are_retried_with_backoff(server, tmp_path):
+    server.plans["/shard_00002.parquet"] = ["500", "500"]
+    dest = fetch(server, "shard_00002.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    assert dest.read_bytes() == parquet_bytes(2)
+    assert len(server.requests) == 3
+
+
+def test_a_server_that_keeps_failing_gives_a_clear_error(server, tmp_path):
+    server.plans["/shard_00002.parquet"] = ["500"] * 10
+    with pytest.raises(UserError, match=r"failed after 3 attempts \(HTTP 500"):
+        fetch(server, "shard_00002.parquet", tmp_path / "s.parquet", retries=2)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_404_is_a_clear_error_and_leaves_no_partial_file(server, tmp_path):
+    (tmp_path / "missing.parquet.part").write_bytes(b"stale")
+    with pytest.raises(UserError, match="HTTP 404"):
+        fetch(server, "missing.parquet", tmp_path / "missing.parquet")
+    assert list(tmp_path.iterdir()) == []
+    assert len(server.requests) == 1                  # not retried
+
+
+def test_corrupt_file_is_detected_and_fetched_again(server, tmp_path):
+    server.plans["/shard_00003.parquet"] = ["corrupt"]
+    dest = fetch(server, "shard_00003.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    assert dest.read_bytes() == parquet_bytes(3)
+    assert len(server.requests) == 2
+
+
+def test_corrupt_file_already_on_disk_is_replaced(server, tmp_path):
+    dest = tmp_path / "s.parquet"
+    dest.write_bytes(b"not parquet at all")
+    fetch(server, "shard_00001.parquet", dest, check=dataset.check_parquet)
+    assert dest.read_bytes() == parquet_bytes(1)
+
+
+def test_sha256_and_size_checks(server, tmp_path):
+    import hashlib
+    server.files["/blob"] = b"x" * 5000
+    good = hashlib.sha256(b"x" * 5000).hexdigest()
+    fetch(server, "blob", tmp_path / "a", sha256=good, size=5000)
+    assert (tmp_path / "a").read_bytes() == b"x" * 5000
+    with pytest.raises(UserError, match="sha256 mismatch"):
+        fetch(server, "blob", tmp_path / "b", sha256="0" * 64, retries=1)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.part").exists()
+
+
+def test_download_data_script(server, base_dir, capsys):
+    from scripts.download_data import main
+    main(["-n", "2", "-w", "2", "--dataset", "climbmix-400b", "--base-url", server.url])
+    names = sorted(p.name for p in (base_dir / "base_data" / "climbmix-400b").iterdir())
+    assert names == ["shard_00000.parquet", "shard_06542.parquet"]
+    assert "validation: shard_06542.parquet" in capsys.readouterr().out
+    server.plans["/shard_00001.parquet"] = ["404"]
+    with pytest.raises(UserError, match="1 of 3 shards failed.*HTTP 404"):
+        main(["-n", "3", "--dataset", "climbmix-400b", "--base-url", server.url])
