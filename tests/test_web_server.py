@@ -366,3 +366,51 @@ def test_client_disconnect_frees_the_slot():
         assert engine.closed_early == 2 and stats["cancelled"] == 2
         events = chat(port, USER, max_tokens=5)  # the freed slot serves the next client
         assert "".join(e.get("token", "") for e in events) == "zzzzz"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scripts/chat_web.py wiring
+
+def test_chat_web_main_serves_with_flags(monkeypatch):
+    from types import SimpleNamespace
+
+    import nanochat_jax.web as web
+    import scripts.chat_web as chat_web
+
+    engine, servers = FakeEngine(), []
+    monkeypatch.setattr(chat_web, "load_chat_model",
+                        lambda args: ({}, SimpleNamespace(n_layer=2, sequence_len=128, vocab_size=300),
+                                      FakeTokenizer(), {"step": 7}))
+    monkeypatch.setattr(chat_web, "build_workers", lambda p, c, t, n, s: [Worker(engine, id=0, slots=s)])
+    real_serve = web.serve
+
+    def recording_serve(app, host, port):
+        servers.append(real_serve(app, host, port))
+        return servers[-1]
+    monkeypatch.setattr(web, "serve", recording_serve)
+    argv = ["--checkpoint", "/x/d4", "--host", "127.0.0.1", "--port", "0", "-t", "0.3", "-k", "9", "-m", "100",
+            "--slots", "3"]
+    thread = threading.Thread(target=chat_web.main, args=(argv,), daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: bool(servers), timeout=20)
+        port = servers[0].server_port
+        events = chat(port, USER)
+        assert "".join(e.get("token", "") for e in events) == "echo: hello (t=0.3)"
+        call = engine.calls[-1]  # the first call is the warm-up
+        assert (call["temperature"], call["top_k"], call["max_tokens"]) == (0.3, 9, 100) and len(engine.calls) == 2
+        assert json.loads(request(port, "GET", "/v1/models")[2])["data"][0]["id"] == "nanochat-d4-step000007"
+        assert json.loads(request(port, "GET", "/stats")[2])["total_slots"] == 3
+    finally:
+        if servers:
+            servers[0].shutdown()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_chat_web_bad_flags():
+    import scripts.chat_web as chat_web
+    from nanochat_jax.common import UserError
+    for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"]):
+        with pytest.raises(UserError):
+            chat_web.main(argv)

@@ -195,6 +195,26 @@ def render_prompt(tokenizer, messages: list, max_prompt_tokens: int) -> list[int
     return [bos] + ids + [assistant_start]
 
 
+def plan_generation(tokenizer, messages: list, *, max_context: int, max_tokens: int, temperature: float,
+                    top_k: int, seed: int | None = None) -> tuple[list[int], dict]:
+    """(prompt tokens, keyword arguments for `engine.stream`) so that prompt + reply fit in `max_context`.
+
+    The reply keeps its `max_tokens` budget unless that would leave the prompt less than half the context; the
+    prompt is then cut (oldest turns first) to what is left. seed None draws a random one.
+    """
+    n_new = max(1, min(max_tokens, max_context - 2))
+    tokens = render_prompt(tokenizer, messages, max(max_context - n_new, max_context // 2))
+    n_new = max(1, min(n_new, max_context - len(tokens)))
+    kw = dict(max_tokens=n_new, temperature=temperature, top_k=top_k,
+              seed=seed if seed is not None else random.randrange(2**31))
+    return tokens, kw
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """Tokens that end a reply: <|assistant_end|> and <|bos|> (the engine stops there too; this is a guard)."""
+    return {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The slot pool: which worker serves which request, and counters for /stats
 
@@ -275,7 +295,7 @@ def create_app(workers, tokenizer, *, max_context: int = 2048, temperature: floa
     workers = [w if isinstance(w, Worker) else Worker(engine=w, id=i) for i, w in enumerate(workers)]
     pool = SlotPool(workers)
     page = Path(ui_path or UI_PATH).read_text(encoding="utf-8")
-    stop_ids = {tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")}
+    stop_ids = stop_token_ids(tokenizer)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
@@ -311,16 +331,11 @@ def create_app(workers, tokenizer, *, max_context: int = 2048, temperature: floa
         return validate_request(body, openai=openai)
 
     def plan(req: ChatRequest):
-        """(prompt tokens, max new tokens, sampling kwargs) for a request."""
-        n_new = req.max_tokens if req.max_tokens is not None else max_tokens
-        n_new = min(n_new, max_context - 2)
-        tokens = render_prompt(tokenizer, req.messages, max(max_context - n_new, max_context // 2))
-        n_new = max(1, min(n_new, max_context - len(tokens)))
-        kw = dict(max_tokens=n_new,
-                  temperature=req.temperature if req.temperature is not None else temperature,
-                  top_k=req.top_k if req.top_k is not None else top_k,
-                  seed=req.seed if req.seed is not None else random.randrange(2**31))
-        return tokens, kw
+        return plan_generation(
+            tokenizer, req.messages, max_context=max_context,
+            max_tokens=req.max_tokens if req.max_tokens is not None else max_tokens,
+            temperature=req.temperature if req.temperature is not None else temperature,
+            top_k=req.top_k if req.top_k is not None else top_k, seed=req.seed)
 
     def generate(req: ChatRequest, rid: str):
         """Yield ("worker", Worker), then ("piece", text) for each piece, then ("end", finish_reason, n_tokens).
@@ -485,12 +500,24 @@ def load_chat_model(args):
     """(params, config, tokenizer, meta) for the model chosen by add_model_args' flags."""
     from nanochat_jax import checkpoint
     if args.checkpoint:
-        return checkpoint.load_model_from_path(args.checkpoint)
+        return checkpoint.load_model_from_path(args.checkpoint, step=args.step)
     return checkpoint.load_model(args.source, model_tag=args.model_tag, step=args.step)
 
 
+def model_label(args, meta: dict) -> str:
+    """A short name for the loaded model, e.g. "nanochat-sft-d20-step000700", for logs and /v1/models."""
+    if args.checkpoint:
+        name = Path(args.checkpoint).resolve().name
+    else:
+        name = "-".join(str(x) for x in (args.source, meta.get("model_tag") or args.model_tag) if x)
+    step = meta.get("step")
+    return f"nanochat-{name}" + (f"-step{int(step):06d}" if isinstance(step, int) else "")
+
+
 def serve(app, host: str, port: int):
-    """Run `app` on werkzeug's threaded server (one thread per request) until Ctrl+C; returns the server."""
+    """A werkzeug threaded server (one thread per request) for `app`; call .serve_forever() on it.
+
+    port 0 picks a free port (read it back from .server_port).
+    """
     from werkzeug.serving import make_server
-    server = make_server(host, port, app, threaded=True)
-    return server
+    return make_server(host, port, app, threaded=True)

@@ -1,0 +1,124 @@
+"""Serve a chat model over HTTP: the chat page, nanochat's SSE API and an OpenAI-compatible API.
+
+    python -m scripts.chat_web                                   # newest SFT checkpoint, http://localhost:8000
+    python -m scripts.chat_web --source rl --model-tag d20 --port 8080 -t 0.6 -k 50 -m 1024
+    python -m scripts.chat_web --checkpoint out/sft/d4 --host 127.0.0.1 --num-workers 2
+
+Tiny CPU example (after the miniature's SFT):  python -m scripts.chat_web --source sft --host 127.0.0.1
+
+Endpoints: GET / (page), POST /chat/completions (SSE `data: {"token": ...}` ... `data: {"done": true}`),
+POST /v1/chat/completions (OpenAI: `stream` true/false), GET /v1/models, GET /health, GET /stats.
+    curl -N localhost:8000/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Why is the sky blue?"}]}'
+
+Concurrency: one engine per device (--num-workers, default: every local accelerator, or 1 on CPU), each serving
+--slots requests at once (1 unless the engine batches requests into one decode step); further requests queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
+from nanochat_jax.web import add_model_args, load_chat_model, model_label
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+def build_parser():
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0: no top-k filtering)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest reply, in tokens")
+    p.add_argument("-n", "--num-workers", type=int, default=None,
+                   help="engines (one per device, round-robin); default: every local GPU/TPU, 1 on CPU")
+    p.add_argument("--slots", type=int, default=1,
+                   help="concurrent requests per engine (more than 1 only for an engine that batches requests)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before serving")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines: one per device
+
+class DeviceEngine:
+    """An engine whose computations run on one device (params placed there, jax.default_device set while streaming)."""
+
+    def __init__(self, params, config, tokenizer, device):
+        import jax
+        from nanochat_jax.engine import Engine
+        self.device = device
+        with jax.default_device(device):
+            self.engine = Engine(jax.device_put(params, device), config, tokenizer)
+
+    def stream(self, tokens, **kw):
+        import jax
+        with jax.default_device(self.device):
+            yield from self.engine.stream(tokens, **kw)
+
+
+def build_workers(params, config, tokenizer, num_workers: int | None, slots: int):
+    import jax
+    from nanochat_jax.web import Worker
+    devices = jax.local_devices()
+    if num_workers is None:
+        num_workers = 1 if devices[0].platform == "cpu" else len(devices)
+    if num_workers < 1 or slots < 1:
+        raise UserError("--num-workers and --slots must be at least 1")
+    workers = []
+    for i in range(num_workers):
+        device = devices[i % len(devices)]
+        print0(f"loading engine {i} on {device}")
+        workers.append(Worker(DeviceEngine(params, config, tokenizer, device), id=i, device=str(device), slots=slots))
+    return workers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+
+def main(argv=None):
+    args = parse_args(build_parser(), "chat_web", argv)
+    from nanochat_jax.web import (MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, create_app, plan_generation,
+                                  serve)
+    if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
+        raise UserError(f"-t/--temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]")
+    if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:
+        raise UserError(f"-k/--top-k must be in [{TOP_K_RANGE[0]}, {TOP_K_RANGE[1]}]")
+    if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
+        raise UserError(f"-m/--max-tokens must be in [{MAX_TOKENS_RANGE[0]}, {MAX_TOKENS_RANGE[1]}]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    enable_compilation_cache()
+
+    params, config, tokenizer, meta = load_chat_model(args)
+    name = model_label(args, meta)
+    print0(f"model {name}: {config.n_layer} layers, context {config.sequence_len}, vocab {config.vocab_size}")
+    workers = build_workers(params, config, tokenizer, args.num_workers, args.slots)
+
+    if not args.no_warmup:  # compile prefill + decode now rather than on the first user's request
+        print0("warming up (compiling)...")
+        tokens, kw = plan_generation(tokenizer, [{"role": "user", "content": "Hi"}], max_context=config.sequence_len,
+                                     max_tokens=2, temperature=args.temperature, top_k=args.top_k, seed=0)
+        for w in workers:
+            for _ in w.engine.stream(tokens, **kw):
+                pass
+
+    app = create_app(workers, tokenizer, max_context=config.sequence_len, temperature=args.temperature,
+                     top_k=args.top_k, max_tokens=args.max_tokens, model_name=name)
+    try:
+        server = serve(app, args.host, args.port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    print0(f"serving {name} at http://{shown}:{server.server_port}/  (Ctrl+C stops)")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    run_main(main)
