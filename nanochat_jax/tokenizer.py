@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -87,21 +88,21 @@ class Tokenizer:
         Raises UserError when vocab_size < 256 + 9, when the texts are empty, and when the texts hold fewer distinct
         pairs than the merges asked for (the message says the largest vocab size they support).
         """
-        import bpe_rs
         if vocab_size < MIN_VOCAB:
             raise UserError(f"vocab size {vocab_size:,} is below the minimum {MIN_VOCAB} "
                             f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)")
-        counter = {"docs": 0}
-
-        def counted():
-            for text in texts:
-                counter["docs"] += 1
-                yield text
-
-        trainer = bpe_rs.Tokenizer()
-        trainer.train_from_iterator(counted(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-        if counter["docs"] == 0:
+        try:
+            from bpe_rs import Tokenizer as BPETrainer  # our Rust trainer, built by `pip install -e .`
+        except ImportError:  # not built (a bare `bpe_rs/` crate folder imports as an empty namespace package)
+            raise UserError("the Rust BPE trainer bpe_rs is not installed: run `pip install -e .` "
+                            "(needs a Rust toolchain, https://rustup.rs)") from None
+        texts = iter(texts)
+        first = next((t for t in texts if t), None)  # look for text before starting the trainer
+        if first is None:
             raise UserError("empty corpus: no text to train the tokenizer on")
+        trainer = BPETrainer()
+        trainer.train_from_iterator(itertools.chain([first], texts), vocab_size - len(SPECIAL_TOKENS),
+                                    pattern=SPLIT_PATTERN)
         ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         supported = len(ranks) + len(SPECIAL_TOKENS)
         if supported < vocab_size:

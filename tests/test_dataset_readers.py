@@ -93,3 +93,10 @@ def test_parquet_without_text_column(tmp_path):
 def test_empty_directory(tmp_path):
     with pytest.raises(UserError, match="no .txt, .jsonl or .parquet"):
         list(iter_documents(tmp_path))
+
+
+def test_non_utf8_file_inside_a_directory_names_file_and_line(tmp_path):
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "b.txt").write_bytes(b"line one\nline \xe9two\n")
+    with pytest.raises(UserError, match=r"b.txt: not UTF-8 text \(line 2, byte offset 14"):
+        list(iter_documents(tmp_path))
