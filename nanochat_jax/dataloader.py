@@ -201,7 +201,7 @@ class BestFitPacker:
         if self.bos is not None:
             row[pos] = self.bos
             row[pos + 1:pos + take] = tokens[:take - 1]
-            mask_row[pos] = 0
+            mask_row[pos] = 1      # pretraining: predicting the next document's bos is trained on, as nanochat
             mask_row[pos + 1:pos + take] = 1 if mask is None else mask[:take - 1]
         else:
             row[pos:pos + take] = tokens[:take]

@@ -462,6 +462,10 @@ def split_documents(source, val_fraction: float = DEFAULT_VAL_FRACTION) -> Itera
     n_val, n_train, pending = 0, 0, None
     for i, doc in enumerate(iter_documents(source)):
         if val_fraction > 0 and is_validation(i, val_fraction):
+            if pending is not None:        # keep the corpus order
+                n_train += 1
+                yield "train", pending
+                pending = None
             n_val += 1
             yield "val", doc
             continue
