@@ -7,7 +7,6 @@ side by side with GPT-2 and GPT-4 (cl100k_base) when tiktoken has them cached lo
 
 import json
 import os
-import sys
 from pathlib import Path
 
 from nanochat_jax import report
