@@ -159,12 +159,21 @@ def attn_scale(config: ModelConfig) -> float:
     return config.qk_scale ** 2 / math.sqrt(config.head_dim)
 
 
+def sdpa(q, k, v, config: ModelConfig, **kwargs):
+    """jax.nn.dot_product_attention (q: (B, T, H, D), k/v: (B, S, KV, D)) with our scale and implementation.
+    XLA on CPU has no fp16/bf16 dot with fp32 accumulation in the backward pass, so there it runs in fp32."""
+    impl = kwargs.pop("implementation", None) or attention_impl(q.dtype, q.shape[-1])
+    dtype = q.dtype
+    if impl == "xla" and jax.default_backend() == "cpu" and dtype != F32:
+        q, k, v = q.astype(F32), k.astype(F32), v.astype(F32)
+    y = jax.nn.dot_product_attention(q, k, v, scale=attn_scale(config), implementation=impl, **kwargs)
+    return y.astype(dtype)
+
+
 def causal_attention(q, k, v, window: int, config: ModelConfig):
     """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups."""
-    T = q.shape[1]
-    local = (window, 0) if window < T - 1 else None
-    return jax.nn.dot_product_attention(q, k, v, scale=attn_scale(config), is_causal=True,
-                                        local_window_size=local, implementation=attention_impl(q.dtype, q.shape[-1]))
+    local = (window, 0) if window < q.shape[1] - 1 else None
+    return sdpa(q, k, v, config, is_causal=True, local_window_size=local)
 
 
 def mlp(p, x, config: ModelConfig):
@@ -197,11 +206,10 @@ def smear(params, x, prev, positions):
 # The GPT
 
 def _trunk(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, positions=None):
-    """Embedding -> blocks -> final norm; returns fp32 logits (B, T, vocab) and the pre-smear embedding.
+    """Embedding -> smear -> blocks -> backout -> final norm -> fp32 softcapped logits (B, T, vocab).
     attend(layer, q, k, v) -> y. prev/positions: the smear's previous-token embedding and each token's position."""
     dtype = compute_dtype()
     x = rms_norm(params["wte"][tokens].astype(dtype))
-    emb = x
     if config.recipe == "2026":
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -219,7 +227,7 @@ def _trunk(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, pos
         x = x - params["backout_lambda"].astype(dtype) * x_backout
     x = rms_norm(x)
     logits = jnp.dot(x, params["lm_head"].astype(dtype), preferred_element_type=F32)[..., :config.vocab_size]
-    return SOFTCAP * jnp.tanh(logits.astype(F32) / SOFTCAP), emb
+    return SOFTCAP * jnp.tanh(logits.astype(F32) / SOFTCAP)
 
 
 def forward(params, tokens, config: ModelConfig):
@@ -228,7 +236,7 @@ def forward(params, tokens, config: ModelConfig):
     cos, sin = rotary_tables(config, T)
     windows = config.window_sizes
     attend = lambda i, q, k, v: causal_attention(q, k, v, windows[i], config)
-    return _trunk(params, tokens, config, jnp.asarray(cos), jnp.asarray(sin), attend)[0]
+    return _trunk(params, tokens, config, jnp.asarray(cos), jnp.asarray(sin), attend)
 
 
 def token_losses(logits, targets):
@@ -256,26 +264,29 @@ def loss(params, inputs, targets, config: ModelConfig):
 # Cached decode (the engine's prefill and step)
 
 class KVCache(NamedTuple):
-    """Static-shape decode state. k, v: (L, B, Tmax, KV, D); prev_emb: (B, C), the last written token's
-    (normed, pre-smear) embedding, which the 2026 smear mixes into the next token."""
+    """Static-shape decode state. k, v: (L, B, Tmax, KV, D) in the compute dtype; tokens: (B, Tmax) int32, the
+    token ids written so far, from which the 2026 smear re-embeds the token before each new one (so a row may be
+    rewound and rewritten from any position)."""
     k: jax.Array
     v: jax.Array
-    prev_emb: jax.Array
+    tokens: jax.Array
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = dtype or compute_dtype()
     shape = (config.n_layer, batch, max_len, config.n_kv_head, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, config.n_embd), dtype))
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32))
 
 
 def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
     """tokens (B, t) at positions pos..pos+t-1 of each row (pos: int32 (B,), traced; rows may differ) ->
-    (fp32 logits (B, t, vocab_size), new cache). Each row's earlier positions must already be in the cache.
-    Writes past Tmax are dropped: keep pos + t <= Tmax."""
+    (fp32 logits (B, t, vocab_size), new cache). Positions 0..pos-1 of each row must hold that row's earlier
+    tokens; anything the row wrote beyond its position (an abandoned continuation) is ignored. Writes past Tmax
+    are dropped: keep pos + t <= Tmax. Jit with `config` static and donate the cache."""
     B, t = tokens.shape
     Tmax = cache.k.shape[2]
-    positions = pos[:, None].astype(jnp.int32) + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, t)
+    pos = pos.astype(jnp.int32)
+    positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, t)
     cos_tab, sin_tab = rotary_tables(config, Tmax)
     cos, sin = jnp.asarray(cos_tab)[positions], jnp.asarray(sin_tab)[positions]
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, t))
@@ -287,11 +298,13 @@ def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
         nonlocal new_k, new_v
         new_k = new_k.at[i, rows, positions].set(k.astype(new_k.dtype), mode="drop")
         new_v = new_v.at[i, rows, positions].set(v.astype(new_v.dtype), mode="drop")
-        delta = positions[:, :, None] - key_pos[None, None, :]        # (B, t, Tmax)
+        delta = positions[:, :, None] - key_pos[None, None, :]        # (B, t, Tmax): query pos - key pos
         mask = (delta >= 0) & (delta <= windows[i])
         kk, vv = new_k[i].astype(q.dtype), new_v[i].astype(q.dtype)
-        return jax.nn.dot_product_attention(q, kk, vv, mask=mask[:, None], scale=attn_scale(config),
-                                            implementation="xla")
+        return sdpa(q, kk, vv, config, mask=mask[:, None], implementation="xla")  # cuDNN takes no such mask
 
-    logits, emb = _trunk(params, tokens, config, cos, sin, attend, prev=cache.prev_emb, positions=positions)
-    return logits, KVCache(new_k, new_v, emb[:, -1].astype(cache.prev_emb.dtype))
+    prev_tok = jnp.take_along_axis(cache.tokens, jnp.maximum(pos - 1, 0)[:, None], axis=1)[:, 0]
+    prev = rms_norm(params["wte"][prev_tok].astype(compute_dtype()))
+    logits = _trunk(params, tokens, config, cos, sin, attend, prev=prev, positions=positions)
+    new_tokens = cache.tokens.at[rows, positions].set(tokens.astype(jnp.int32), mode="drop")
+    return logits, KVCache(new_k, new_v, new_tokens)
