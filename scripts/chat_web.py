@@ -12,7 +12,8 @@ POST /v1/chat/completions (OpenAI: `stream` true/false), GET /v1/models, GET /he
          -d '{"messages": [{"role": "user", "content": "Why is the sky blue?"}]}'
 
 Concurrency: one engine per device (--num-workers, default: every local accelerator, or 1 on CPU), each serving
---slots requests at once (1 unless the engine batches requests into one decode step); further requests queue.
+--slots requests at once, batched into one decode step (continuous batching; --slots 1 = one at a time, as nanochat's
+worker pool); further requests queue.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def build_parser():
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest reply, in tokens")
     p.add_argument("-n", "--num-workers", type=int, default=None,
                    help="engines (one per device, round-robin); default: every local GPU/TPU, 1 on CPU")
-    p.add_argument("--slots", type=int, default=1,
-                   help="concurrent requests per engine (more than 1 only for an engine that batches requests)")
+    p.add_argument("--slots", type=int, default=8,
+                   help="concurrent requests per engine, batched into one decode step (continuous batching); "
+                        "1 = one request at a time per engine, others queue")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before serving")
     return p
 
@@ -46,19 +48,34 @@ def build_parser():
 # Engines: one per device
 
 class DeviceEngine:
-    """An engine whose computations run on one device (params placed there, jax.default_device set while streaming)."""
+    """An engine whose computations run on one device: params placed there, `jax.default_device` set around its
+    work. slots > 1: requests are batched into one decode step by the engine's BatchScheduler (continuous
+    batching, on its own thread); slots == 1: each stream runs alone (a plain Engine)."""
 
-    def __init__(self, params, config, tokenizer, device):
+    def __init__(self, params, config, tokenizer, device, slots: int = 1):
         import jax
-        from nanochat_jax.engine import Engine
+        from nanochat_jax.engine import BatchScheduler, Engine
         self.device = device
         with jax.default_device(device):
-            self.engine = Engine(jax.device_put(params, device), config, tokenizer)
+            self.engine = Engine(jax.device_put(params, device), config, tokenizer, max_batch=max(slots, 1))
+            self.scheduler = None
+            if slots > 1:
+                class _OnDevice(BatchScheduler):  # the scheduler's loop thread works on this device too
+                    def _loop(inner):
+                        with jax.default_device(device):
+                            return BatchScheduler._loop(inner)
+                self.scheduler = _OnDevice(self.engine, batch_size=slots)
 
     def stream(self, tokens, **kw):
         import jax
+        if self.scheduler is not None:
+            yield from self.scheduler.stream(tokens, **kw)
+            return
         with jax.default_device(self.device):
             yield from self.engine.stream(tokens, **kw)
+
+    def stats(self) -> dict:
+        return self.scheduler.stats() if self.scheduler is not None else {}
 
 
 def build_workers(params, config, tokenizer, num_workers: int | None, slots: int):
@@ -72,8 +89,10 @@ def build_workers(params, config, tokenizer, num_workers: int | None, slots: int
     workers = []
     for i in range(num_workers):
         device = devices[i % len(devices)]
-        print0(f"loading engine {i} on {device}")
-        workers.append(Worker(DeviceEngine(params, config, tokenizer, device), id=i, device=str(device), slots=slots))
+        kind = f"continuous batching, {slots} rows" if slots > 1 else "one request at a time"
+        print0(f"engine {i} on {device} ({kind})")
+        workers.append(Worker(DeviceEngine(params, config, tokenizer, device, slots), id=i, device=str(device),
+                              slots=slots))
     return workers
 
 

@@ -64,12 +64,13 @@ def test_nanochat_stream_tokens_then_done(server):
 
 def test_sampling_parameters_reach_the_engine(server):
     port, engine = server
-    chat(port, USER, temperature=0.5, top_k=3, max_tokens=9, seed=123)
+    chat(port, USER, temperature=0.5, top_k=3, max_tokens=9, seed=123, top_p=0.9)
     call = engine.calls[-1]
-    assert (call["temperature"], call["top_k"], call["max_tokens"], call["seed"]) == (0.5, 3, 9, 123)
+    assert (call["temperature"], call["top_k"], call["max_tokens"], call["seed"], call["top_p"]) \
+        == (0.5, 3, 9, 123, 0.9)
     chat(port, USER)  # server defaults
     call = engine.calls[-1]
-    assert (call["temperature"], call["top_k"], call["max_tokens"]) == (0.0, 7, 100)
+    assert (call["temperature"], call["top_k"], call["max_tokens"], call["top_p"]) == (0.0, 7, 100, None)
 
 
 def test_max_tokens_bounds_the_reply(server):
@@ -173,6 +174,11 @@ BAD_BODIES = {
     "top_k too big": {"messages": USER, "top_k": 201},
     "top_k negative": {"messages": USER, "top_k": -1},
     "top_k a float": {"messages": USER, "top_k": 5.5},
+    "top_p zero": {"messages": USER, "top_p": 0},
+    "top_p above one": {"messages": USER, "top_p": 1.5},
+    "top_p a string": {"messages": USER, "top_p": "0.9"},
+    "seed negative": {"messages": USER, "seed": -1},
+    "seed a float": {"messages": USER, "seed": 1.5},
     "max_tokens zero": {"messages": USER, "max_tokens": 0},
     "max_tokens too big": {"messages": USER, "max_tokens": 4097},
     "max_tokens a string": {"messages": USER, "max_tokens": "10"},
@@ -414,3 +420,103 @@ def test_chat_web_bad_flags():
     for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"]):
         with pytest.raises(UserError):
             chat_web.main(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# With the real tokenizer (and, once it exists, the real engine on a tiny random model)
+
+@pytest.fixture(scope="module")
+def real_tokenizer():
+    from nanochat_jax.tokenizer import Tokenizer
+    ranks = {bytes([i]): i for i in range(256)}
+    for pair in (b"th", b"he", b"e ", b" t", b"re"):  # a few merges, so tokens are not just bytes
+        ranks[pair] = len(ranks)
+    return Tokenizer(ranks)  # vocab 270: bytes, 5 merges, 9 specials
+
+
+def test_render_prompt_matches_the_tokenizer_chat_format(real_tokenizer):
+    tok = real_tokenizer
+    conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "How are you?"}, {"role": "user", "content": "Why is the sky blue?"}]
+    assert render_prompt(tok, conv, 10_000) == tok.render_for_completion({"messages": conv})
+    assert render_prompt(tok, conv[1:2], 10_000) == tok.render_for_completion({"messages": conv[1:2]})
+
+
+@pytest.fixture(scope="module")
+def tiny_export(real_tokenizer, tmp_path_factory):
+    """A random d2 model with the real tokenizer, written as a weights-only export."""
+    import jax
+
+    from nanochat_jax.checkpoint import export_weights
+    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.model import init_params
+    config = ModelConfig.from_depth(2, vocab_size=real_tokenizer.get_vocab_size(), max_seq_len=128)
+    params = init_params(config, jax.random.PRNGKey(0))
+    return export_weights(tmp_path_factory.mktemp("tiny") / "export", params, config, real_tokenizer, dtype=None)
+
+
+@pytest.mark.slow
+def test_real_engine_serves_a_tiny_random_model(tiny_export):
+    pytest.importorskip("nanochat_jax.engine")
+    from nanochat_jax.checkpoint import load_model_from_path
+    from nanochat_jax.engine import Engine
+    params, config, tokenizer, meta = load_model_from_path(tiny_export)
+    app = create_app([Engine(params, config, tokenizer)], tokenizer, max_context=config.sequence_len,
+                     temperature=0.0, max_tokens=12)
+    with running_server(app) as port:
+        events = chat(port, USER, seed=1)
+        assert events[-1] == {"done": True} and not any("error" in e for e in events)
+        text = "".join(e.get("token", "") for e in events)
+        status, _, raw = request(port, "POST", "/v1/chat/completions", {"messages": USER, "seed": 1})
+        body = json.loads(raw)
+        assert status == 200 and body["choices"][0]["message"]["content"] == text  # greedy: same reply
+        assert 0 <= body["usage"]["completion_tokens"] <= 12
+        sampled = [chat(port, USER, temperature=1.0, seed=s) for s in (3, 3)]
+        assert sampled[0] == sampled[1]  # same seed, same sample
+        results = stream_many(port, 4, lambda i: USER)  # queued on one engine, all complete
+        assert all(r[-1] == {"done": True} for r in results)
+
+
+@pytest.mark.slow
+def test_chat_cli_answers_with_a_tiny_random_model(tiny_export):
+    pytest.importorskip("nanochat_jax.engine")
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "scripts.chat", "--checkpoint", str(tiny_export), "-p", "hello",
+                        "-m", "6", "-t", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_continuous_batching_server_with_a_tiny_random_model(tiny_export):
+    """chat_web's engines (BatchScheduler, 4 rows): 8 concurrent clients complete; a disconnect frees its row."""
+    pytest.importorskip("nanochat_jax.engine")
+    from nanochat_jax.checkpoint import load_model_from_path
+    from scripts.chat_web import build_workers
+    params, config, tokenizer, meta = load_model_from_path(tiny_export)
+    workers = build_workers(params, config, tokenizer, 1, 4)
+    app = create_app(workers, tokenizer, max_context=config.sequence_len, temperature=0.0, max_tokens=16)
+    scheduler = workers[0].engine.scheduler
+    try:
+        with running_server(app) as port:
+            alone = chat(port, USER, seed=1)
+            assert len(alone) > 2, alone  # some tokens came before done
+            results = stream_many(port, 8, lambda i: USER)
+            assert all(r == alone for r in results)  # greedy: batching does not change the reply
+            assert scheduler.stats()["requests"] == 9
+            # a client that leaves mid-stream frees its batch row
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            body = json.dumps({"messages": USER, "max_tokens": 4000, "temperature": 1.0, "seed": 0}).encode()
+            sock.sendall(b"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            got = b""
+            while b"data: " not in got:
+                chunk = sock.recv(4096)
+                assert chunk
+                got += chunk
+            sock.close()
+            assert wait_until(lambda: scheduler.stats()["active_rows"] == 0, timeout=30)
+            stats = json.loads(request(port, "GET", "/stats")[2])
+            assert stats["available_slots"] == 4 and stats["workers"][0]["engine"]["active_rows"] == 0
+    finally:
+        scheduler.close()

@@ -54,10 +54,10 @@ class FakeEngine:
         self.running = self.max_running = self.closed_early = self.finished = 0
         self.calls = []
 
-    def stream(self, tokens, max_tokens=64, temperature=0.0, top_k=0, seed=0):
+    def stream(self, tokens, max_tokens=64, temperature=0.0, top_k=0, seed=0, top_p=None):
         with self.lock:
             self.calls.append(dict(tokens=list(tokens), max_tokens=max_tokens, temperature=temperature,
-                                   top_k=top_k, seed=seed))
+                                   top_k=top_k, seed=seed, top_p=top_p))
             self.running += 1
             self.max_running = max(self.max_running, self.running)
         text = self.reply if self.reply is not None else "echo: " + last_user_text(tokens)

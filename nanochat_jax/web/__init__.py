@@ -42,6 +42,7 @@ MAX_MESSAGE_CHARS = 8_000
 MAX_TOTAL_CHARS = 32_000
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (0, 200)          # 0 = no top-k filtering
+# also accepted: top_p in (0, 1] (nucleus sampling), seed in [0, 2**31)
 MAX_TOKENS_RANGE = (1, 4_096)
 # 32,000 chars of JSON-escaped non-ASCII text is at most ~200 KB; 1 MiB leaves room for 500 messages of overhead
 MAX_BODY_BYTES = 1 << 20
@@ -58,6 +59,7 @@ class ChatRequest:
     temperature: float | None = None
     top_k: int | None = None
     max_tokens: int | None = None
+    top_p: float | None = None
     seed: int | None = None
     stream: bool = True
 
@@ -138,6 +140,13 @@ def validate_request(body, openai: bool = False) -> ChatRequest:
         if not MAX_TOKENS_RANGE[0] <= n <= MAX_TOKENS_RANGE[1]:
             raise RequestError(f"max_tokens must be between {MAX_TOKENS_RANGE[0]} and {MAX_TOKENS_RANGE[1]}")
         req.max_tokens = n
+    p = body.get("top_p")
+    if p is not None:
+        if not _is_number(p):
+            raise RequestError("top_p must be a number")
+        if not 0.0 < p <= 1.0:
+            raise RequestError("top_p must be in (0, 1]")
+        req.top_p = float(p)
     s = body.get("seed")
     if s is not None:
         if not _is_int(s) or not 0 <= s < 2**31:
@@ -196,7 +205,7 @@ def render_prompt(tokenizer, messages: list, max_prompt_tokens: int) -> list[int
 
 
 def plan_generation(tokenizer, messages: list, *, max_context: int, max_tokens: int, temperature: float,
-                    top_k: int, seed: int | None = None) -> tuple[list[int], dict]:
+                    top_k: int, top_p: float | None = None, seed: int | None = None) -> tuple[list[int], dict]:
     """(prompt tokens, keyword arguments for `engine.stream`) so that prompt + reply fit in `max_context`.
 
     The reply keeps its `max_tokens` budget unless that would leave the prompt less than half the context; the
@@ -207,6 +216,8 @@ def plan_generation(tokenizer, messages: list, *, max_context: int, max_tokens: 
     n_new = max(1, min(n_new, max_context - len(tokens)))
     kw = dict(max_tokens=n_new, temperature=temperature, top_k=top_k,
               seed=seed if seed is not None else random.randrange(2**31))
+    if top_p is not None and top_p < 1.0:  # only engines asked for nucleus sampling need to know about it
+        kw["top_p"] = top_p
     return tokens, kw
 
 
@@ -270,7 +281,9 @@ class SlotPool:
             active = self.active
         return {"total_slots": self.total, "available_slots": self.free.qsize(), "busy_slots": active,
                 "uptime_s": round(time.time() - self.started, 1), **c,
-                "workers": [{"id": w.id, "device": w.device, "slots": w.slots} for w in self.workers]}
+                "workers": [{"id": w.id, "device": w.device, "slots": w.slots,
+                             **({"engine": w.engine.stats()} if callable(getattr(w.engine, "stats", None)) else {})}
+                            for w in self.workers]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,7 +348,7 @@ def create_app(workers, tokenizer, *, max_context: int = 2048, temperature: floa
             tokenizer, req.messages, max_context=max_context,
             max_tokens=req.max_tokens if req.max_tokens is not None else max_tokens,
             temperature=req.temperature if req.temperature is not None else temperature,
-            top_k=req.top_k if req.top_k is not None else top_k, seed=req.seed)
+            top_k=req.top_k if req.top_k is not None else top_k, top_p=req.top_p, seed=req.seed)
 
     def generate(req: ChatRequest, rid: str):
         """Yield ("worker", Worker), then ("piece", text) for each piece, then ("end", finish_reason, n_tokens).
