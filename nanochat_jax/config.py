@@ -181,8 +181,8 @@ class ModelConfig:
 # Command-line flags
 
 def add_model_args(parser, depth: int = 20):
-    """Add the model flags to a script's parser (a `common.ArgumentParser`)."""
-    g = parser.add_argument_group("model")
+    """Add the model flags to a script's parser (a `common.ArgumentParser`, so each flag also takes underscores)."""
+    g = parser  # not an argument group: common.ArgumentParser adds the dash/underscore aliases in its add_argument
     g.add_argument("--depth", type=int, default=depth, help="number of layers; everything else derives from it")
     g.add_argument("--recipe", choices=RECIPES, default="2026", help="architecture recipe")
     g.add_argument("--d-model", type=int, default=None, help="width (default 64*depth rounded up to head dim)")
