@@ -143,7 +143,9 @@ class CheckpointManager:
         self.tokenizer = tokenizer
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+                    "loader": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # -- saving ---------------------------------------------------------------------------------------------------
 

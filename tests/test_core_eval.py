@@ -250,3 +250,42 @@ def test_bad_bundle_url_is_a_user_error(base_dir, bundle_server, monkeypatch):
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url.replace("eval_bundle", "missing"))
     with pytest.raises(UserError):
         core.download_eval_bundle()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end: scripts.base_eval on a tiny model against the served bundle
+
+def save_tiny_base_model(tag="d2", seq_len=64):
+    """A d2 model with a byte-level tokenizer (vocab 256 + 9 specials), saved as a base checkpoint."""
+    import jax
+    from nanochat_jax import checkpoint as ck, model
+    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.tokenizer import Tokenizer
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    config = ModelConfig.from_depth(2, d_model=64, n_heads=2, vocab_size=tok.get_vocab_size(), max_seq_len=seq_len)
+    params = model.init_params(config, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    mngr = ck.CheckpointManager(ck.checkpoint_dir("base", tag), tokenizer=tok)
+    mngr.save(7, {"params": params}, {}, {"model_config": config.to_dict()})
+    mngr.close()
+    return params, config, tok
+
+
+def test_base_eval_end_to_end(base_dir, bundle_server, monkeypatch):
+    from nanochat_jax import model, report
+    from scripts import base_eval
+    url, _ = bundle_server
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url)
+    params, config, tok = save_tiny_base_model()
+    out = base_eval.main(["--model-tag", "d2", "--batch-tokens", "512"])
+    # the same numbers by scoring each row alone with the model (no batching, no buckets)
+    scorer_one = core.ForwardScorer(lambda p, t: model.forward(p, t, config), params, BOS, batch_tokens=1)
+    bundle = base_dir / "eval_bundle"
+    for task in core.load_tasks(bundle):
+        data = core.load_task_data(bundle, task)
+        assert out["results"][task["label"]] == core.evaluate_task(data, task, tok, scorer_one)
+    csv_path = base_dir / "base_eval" / "base_d2_000007.csv"
+    assert csv_path.is_file()
+    assert float(csv_path.read_text().splitlines()[-1].split(",")[-1]) == pytest.approx(out["core_metric"], abs=1e-6)
+    (title, text), = report.read_sections()
+    assert title == "Base model evaluation" and "| schema |" in text
