@@ -109,7 +109,10 @@ def main(argv=None):
         raise UserError(f"-k/--top-k must be in [{TOP_K_RANGE[0]}, {TOP_K_RANGE[1]}]")
     if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
         raise UserError(f"-m/--max-tokens must be in [{MAX_TOKENS_RANGE[0]}, {MAX_TOKENS_RANGE[1]}]")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    # each exchange (and each HTTP request) is logged; other libraries' INFO chatter (orbax) is not
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    for name in ("nanochat_jax.web", "werkzeug"):
+        logging.getLogger(name).setLevel(logging.INFO)
     enable_compilation_cache()
 
     params, config, tokenizer, meta = load_chat_model(args)
@@ -117,13 +120,17 @@ def main(argv=None):
     print0(f"model {name}: {config.n_layer} layers, context {config.sequence_len}, vocab {config.vocab_size}")
     workers = build_workers(params, config, tokenizer, args.num_workers, args.slots)
 
-    if not args.no_warmup:  # compile prefill + decode now rather than on the first user's request
+    if not args.no_warmup:
+        # compile now rather than on the first users' requests: the decode step of both sampling kinds (plain, and
+        # top-k filtered: the engine compiles each once) and the prefill of the shortest prompt bucket
         print0("warming up (compiling)...")
-        tokens, kw = plan_generation(tokenizer, [{"role": "user", "content": "Hi"}], max_context=config.sequence_len,
-                                     max_tokens=2, temperature=args.temperature, top_k=args.top_k, seed=0)
-        for w in workers:
-            for _ in w.engine.stream(tokens, **kw):
-                pass
+        for top_k in sorted({args.top_k, 0 if args.top_k else 50}):
+            tokens, kw = plan_generation(tokenizer, [{"role": "user", "content": "Hi"}],
+                                         max_context=config.sequence_len, max_tokens=2, temperature=1.0,
+                                         top_k=top_k, seed=0)
+            for w in workers:
+                for _ in w.engine.stream(tokens, **kw):
+                    pass
 
     app = create_app(workers, tokenizer, max_context=config.sequence_len, temperature=args.temperature,
                      top_k=args.top_k, max_tokens=args.max_tokens, model_name=name)

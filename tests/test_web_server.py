@@ -403,8 +403,9 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
         port = servers[0].server_port
         events = chat(port, USER)
         assert "".join(e.get("token", "") for e in events) == "echo: hello (t=0.3)"
-        call = engine.calls[-1]  # the first call is the warm-up
-        assert (call["temperature"], call["top_k"], call["max_tokens"]) == (0.3, 9, 100) and len(engine.calls) == 2
+        call = engine.calls[-1]  # the first two calls are the warm-up (top_k 9 and 0)
+        assert [c["top_k"] for c in engine.calls[:2]] == [0, 9]
+        assert (call["temperature"], call["top_k"], call["max_tokens"]) == (0.3, 9, 100) and len(engine.calls) == 3
         assert json.loads(request(port, "GET", "/v1/models")[2])["data"][0]["id"] == "nanochat-d4-step000007"
         assert json.loads(request(port, "GET", "/stats")[2])["total_slots"] == 3
     finally:
