@@ -119,6 +119,17 @@ def _config_dict(config) -> dict:
     return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal with what JSON gives back
 
 
+def _jsonable(obj):
+    """A JSON-clean copy: numpy/jax scalars -> Python numbers, arrays -> lists, tuples -> lists."""
+    def default(x):
+        if hasattr(x, "tolist"):
+            return x.tolist()
+        if dataclasses.is_dataclass(x):
+            return dataclasses.asdict(x)
+        raise TypeError(f"checkpoint meta: {type(x).__name__} is not JSON-serialisable")
+    return json.loads(json.dumps(obj, default=default))
+
+
 def _ocp():
     import orbax.checkpoint as ocp
     return ocp
@@ -168,8 +179,8 @@ class CheckpointManager:
         if self.tokenizer is not None:
             meta.setdefault("tokenizer_fingerprint", self.tokenizer.fingerprint())
             self._write_tokenizer()
-        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta),
-                 "loader": ocp.args.JsonSave(loader_state if loader_state is not None else {})}
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(_jsonable(meta)),
+                 "loader": ocp.args.JsonSave(_jsonable(loader_state if loader_state is not None else {}))}
         if flat:
             items["train_state"] = ocp.args.StandardSave(flat)
         return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)

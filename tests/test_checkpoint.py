@@ -261,3 +261,15 @@ def test_export_and_load_model_semantics(tmp_path, base_dir, fake_tokenizer):
     assert pe32["wte"].dtype == jnp.float32
     with pytest.raises(UserError, match="not empty"):
         ck.export_weights(tmp_path / "export", p, CONFIG)
+
+
+def test_meta_with_numpy_values_is_saved_as_json(tmp_path):
+    mngr = ck.CheckpointManager(tmp_path / "run")
+    mngr.save(1, {"params": make_params()}, {"pos": np.int64(5)},
+              {"model_config": CONFIG, "val_bpb": np.float32(1.5), "losses": jnp.arange(3.0), "shape": (1, 2)})
+    mngr.wait()
+    meta = mngr.read_meta()
+    assert meta["val_bpb"] == 1.5 and meta["losses"] == [0.0, 1.0, 2.0] and meta["shape"] == [1, 2]
+    _, loader_state, _ = mngr.restore({"params": make_params()})
+    assert loader_state == {"pos": 5}
+    mngr.close()

@@ -270,10 +270,14 @@ def evaluate_core(params, config, tokenizer, max_per_task: int = -1, bundle_dir=
     """Run every CORE task. Returns {"results": {label: acc}, "centered_results": {label: centered acc},
     "core_metric": mean centered accuracy, "seconds": wall time}.
 
-    forward_fn(params, tokens) -> logits defaults to the model's forward; `scorer` replaces the model altogether.
+    forward_fn(params, tokens) -> logits defaults to the model's forward. `scorer`: a ForwardScorer made once
+    and passed to every periodic evaluation, so its jitted shapes compile once (its params are set to `params`);
+    or any callable rows -> (mean losses, greedy ok), which replaces the model altogether (tests).
     tasks: only these labels (a debugging aid; CORE is then the mean over them).
     """
     bundle = Path(bundle_dir) if bundle_dir is not None else download_eval_bundle()
+    if isinstance(scorer, ForwardScorer) and params is not None:
+        scorer.params = params
     if scorer is None:
         if forward_fn is None:
             from nanochat_jax import model
