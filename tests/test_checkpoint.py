@@ -273,3 +273,35 @@ def test_meta_with_numpy_values_is_saved_as_json(tmp_path):
     _, loader_state, _ = mngr.restore({"params": make_params()})
     assert loader_state == {"pos": 5}
     mngr.close()
+
+
+@pytest.mark.slow
+def test_real_train_state_fsdp8_restores_on_one_device_and_tp_mesh(tmp_path):
+    """The real TrainState (Muon + AdamW state after one step), FSDP over 8 devices -> 1 device and data4 x model2."""
+    train = pytest.importorskip("nanochat_jax.train")
+    shd = pytest.importorskip("nanochat_jax.sharding")
+    from nanochat_jax import model, optim
+    from nanochat_jax.config import ModelConfig
+    config = ModelConfig.from_depth(2, d_model=64, n_heads=2, vocab_size=128, max_seq_len=16)
+    params = model.init_params(config, jax.random.PRNGKey(0))
+    mesh8 = shd.make_mesh("data=8")
+    tx = optim.build_optimizer(params, config, num_steps=10, mesh=mesh8)
+    state, shardings = train.init_train_state(params, tx, mesh8, "fsdp")
+    step = train.make_train_step(config, tx, mesh8, shardings, donate=False)
+    rng = np.random.default_rng(0)
+    batch = {k: rng.integers(0, 128, (1, 8, 16)).astype(np.int32) for k in ("inputs", "targets")}
+    state, _ = step(state, shd.put_batch(batch, mesh8))
+    mngr = ck.CheckpointManager(tmp_path / "run")
+    mngr.save(1, state, {"row": 8}, {"model_config": config.to_dict()})
+    mngr.wait()
+    host = jax.tree.map(np.asarray, state)
+    for spec, mode, devices in (("data=1", "dp", jax.devices()[:1]), ("data=4,model=2", "tp", None)):
+        mesh = shd.make_mesh(spec, devices=devices)
+        abstract = jax.eval_shape(lambda: state)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                              train.state_shardings(abstract, mesh, mode))
+        restored, loader_state, meta = mngr.restore(target)
+        assert isinstance(restored, train.TrainState) and loader_state == {"row": 8}
+        assert restored.params["wte"].sharding.mesh.shape == mesh.shape
+        assert_tree_equal(jax.tree.map(np.asarray, restored), host)
+    mngr.close()
