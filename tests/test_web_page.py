@@ -175,7 +175,7 @@ def test_page_in_headless_chromium(tmp_path):
     shots = Path(os.environ.get("NANOCHAT_SCREENSHOTS") or tempfile.mkdtemp(prefix="nanochat_screens_"))
     shots.mkdir(parents=True, exist_ok=True)
     print(f"screenshots in {shots}")
-    engine = FakeEngine(delay=0.04)  # ~0.5 s per reply: slow enough to watch it stream
+    engine = FakeEngine(delay=0.025)  # ~0.4 s per reply: slow enough to watch it stream
     app = create_app([engine], FakeTokenizer(), max_context=512, temperature=0.0)
     browser = Browser(tmp_path)
     try:
@@ -255,6 +255,20 @@ def test_page_in_headless_chromium(tmp_path):
             browser.key_enter()
             assert "usage" in browser.js("document.querySelector('#messages .message.error:last-child').textContent")
             browser.screenshot(shots / "2_conversation.png")
+
+            # Stop mid-reply: the fetch is aborted, the server sees the client leave and frees the engine
+            before = engine.closed_early
+            browser.type("a long question " * 6)
+            browser.key_enter()
+            browser.wait("(document.querySelector('.streaming') || {textContent: ''}).textContent.length > 12")
+            browser.click("#stop")
+            browser.wait("!document.querySelector('.streaming')")
+            deadline = time.time() + 10
+            while engine.closed_early == before and time.time() < deadline:
+                time.sleep(0.05)
+            assert engine.closed_early == before + 1 and engine.running == 0
+            partial = texts(browser, "assistant")[-1]
+            assert partial.startswith("echo: a long") and len(partial) < len("echo: " + "a long question " * 6)
 
             # /clear empties the conversation
             browser.type("/clear")
