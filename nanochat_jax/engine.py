@@ -224,13 +224,6 @@ class Engine:
             """tokens (1, bucket) right-padded, `length` real ones -> (fp32 logits (V,) at length-1, cache1)."""
             logits, cache1 = model.forward_cached(params, tokens, cache1, jnp.zeros((1,), jnp.int32), config)
             last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=False)
-            if hasattr(cache1, "prev_emb"):
-                # the 2026 cache keeps the last written token's embedding for the smear; after a padded prefill
-                # that is the padding's: put back the prompt's last token's (model._trunk's `emb`)
-                tok = jax.lax.dynamic_index_in_dim(tokens[0], length - 1, keepdims=False)
-                emb = model.rms_norm(params["wte"][tok].astype(compute_dtype()))
-                cache1 = cache1._replace(prev_emb=jnp.broadcast_to(emb, cache1.prev_emb.shape)
-                                         .astype(cache1.prev_emb.dtype))
             return last[:config.vocab_size], cache1
 
         def admit(cache, cache1, rows, logits, keys, pos, temperature, top_k, top_p, filtered):

@@ -110,21 +110,22 @@ def test_prompt_buckets():
 
 
 def test_sampling_greedy_topk_topp():
+    sample = jax.jit(sample_logits, static_argnames=("filtered",))
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32))
     keys = jnp.zeros((4, 2), jnp.uint32)
     pos = jnp.arange(4, dtype=jnp.int32)
     greedy = np.argmax(np.asarray(logits), -1)
-    out = sample_logits(logits, keys, pos, jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4), filtered=False)
+    out = sample(logits, keys, pos, jnp.zeros(4), jnp.zeros(4, jnp.int32), jnp.ones(4), filtered=False)
     assert (np.asarray(out) == greedy).all()
-    out = sample_logits(logits, keys, pos, jnp.ones(4), jnp.ones(4, jnp.int32), jnp.ones(4), filtered=True)
+    out = sample(logits, keys, pos, jnp.ones(4), jnp.ones(4, jnp.int32), jnp.ones(4), filtered=True)
     assert (np.asarray(out) == greedy).all()  # top-k 1 is greedy at any temperature
-    out = sample_logits(logits, keys, pos, jnp.ones(4), jnp.zeros(4, jnp.int32), jnp.full(4, 1e-6), filtered=True)
+    out = sample(logits, keys, pos, jnp.ones(4), jnp.zeros(4, jnp.int32), jnp.full(4, 1e-6), filtered=True)
     assert (np.asarray(out) == greedy).all()  # so is a tiny top-p
     # top-k 5 at a high temperature: many draws, all inside each row's top 5, and more than one of them
     n = 400
     big = jnp.repeat(logits[:1], n, axis=0)
     keys = jnp.stack([jnp.arange(n, dtype=jnp.uint32), jnp.zeros(n, jnp.uint32)], axis=1)
-    draws = np.asarray(sample_logits(big, keys, jnp.zeros(n, jnp.int32), jnp.full(n, 5.0),
+    draws = np.asarray(sample(big, keys, jnp.zeros(n, jnp.int32), jnp.full(n, 5.0),
                                      jnp.full(n, 5, jnp.int32), jnp.ones(n), filtered=True))
     top5 = set(np.argsort(-np.asarray(logits[0]))[:5].tolist())
     assert set(draws.tolist()) <= top5 and len(set(draws.tolist())) > 1
@@ -132,7 +133,7 @@ def test_sampling_greedy_topk_topp():
     p = np.asarray(jax.nn.softmax(logits[0]))
     order = np.argsort(-p)
     nucleus = set(order[:np.searchsorted(np.cumsum(p[order]), 0.5) + 1].tolist())
-    draws = np.asarray(sample_logits(big, keys, jnp.zeros(n, jnp.int32), jnp.ones(n), jnp.zeros(n, jnp.int32),
+    draws = np.asarray(sample(big, keys, jnp.zeros(n, jnp.int32), jnp.ones(n), jnp.zeros(n, jnp.int32),
                                      jnp.full(n, 0.5), filtered=True))
     assert set(draws.tolist()) <= nucleus
 
@@ -398,8 +399,12 @@ def test_scheduler_serves_concurrent_streams_like_solo_runs(tiny):
         for t in threads:
             t.join(60)
         assert got == solo
+        for _ in range(500):  # the loop counts a request after the step that ended it
+            if sched.stats()["completed"] == 8:
+                break
+            threading.Event().wait(0.01)
         stats = sched.stats()
-        assert stats["completed"] == 8 and stats["free_rows"] == 4
+        assert stats["completed"] == 8 and stats["free_rows"] == 4 and stats["requests"] == 8
     finally:
         sched.close()
 
