@@ -521,3 +521,18 @@ def test_continuous_batching_server_with_a_tiny_random_model(tiny_export):
             assert stats["available_slots"] == 4 and stats["workers"][0]["engine"]["active_rows"] == 0
     finally:
         scheduler.close()
+
+
+def test_render_prompt_counts_the_system_text_when_dropping_turns():
+    tok = FakeTokenizer()
+    system = {"role": "system", "content": "S" * 40}
+    turns = [{"role": "user", "content": "u" * 20}, {"role": "assistant", "content": "a" * 20},
+             {"role": "user", "content": "v" * 20}, {"role": "assistant", "content": "b" * 20},
+             {"role": "user", "content": "last"}]
+    ids = render_prompt(tok, [system] + turns, 90)
+    text = tok.decode(ids)
+    assert len(ids) <= 90 and text.startswith("S" * 40 + "\n\n")  # the system text kept whole
+    assert text.endswith("last") and "u" * 20 not in text
+    # a conversation that fits is left alone, even when it starts with an assistant turn
+    ids = render_prompt(tok, [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "yo"}], 100)
+    assert ids[1] == tok.encode_special("<|assistant_start|>")

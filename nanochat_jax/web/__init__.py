@@ -191,13 +191,15 @@ def render_prompt(tokenizer, messages: list, max_prompt_tokens: int) -> list[int
 
     encoded = [turn_ids(m, i == 0) for i, m in enumerate(turns)]
     budget = max(max_prompt_tokens - 2, 1)  # minus <|bos|> and the final <|assistant_start|>
+    rest = [0] * (len(turns) + 1)  # rest[i]: tokens of turns i+1.. (as they are encoded)
+    for i in range(len(turns) - 1, -1, -1):
+        rest[i] = rest[i + 1] + (len(encoded[i + 1]) if i + 1 < len(turns) else 0)
     first = 0
-    while first < len(turns) - 1 and sum(len(e) for e in encoded[first:]) > budget:
+    # drop the oldest turns while the prompt is too long, and then until it starts with a user turn again
+    while first < len(turns) - 1 and (len(encoded[first]) + rest[first] > budget
+                                      or (first > 0 and turns[first]["role"] != "user")):
         first += 1
-        if first < len(turns) - 1 and turns[first]["role"] != "user":
-            continue  # keep dropping until the conversation starts with a user turn (or one turn is left)
-    if first > 0:  # the system text moves to the new first turn
-        encoded[first] = turn_ids(turns[first], True)
+        encoded[first] = turn_ids(turns[first], True)  # the system text moves to the new first turn
     ids = [t for e in encoded[first:] for t in e]
     if len(ids) > budget:  # the last turn alone is too long: keep its newest tokens
         ids = ids[:1] + ids[len(ids) - budget + 1:]
