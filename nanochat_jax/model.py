@@ -35,8 +35,10 @@ SOFTCAP = 15.0                             # logits = 15*tanh(logits/15), in fp3
 # ---------------------------------------------------------------------------------------------------------------
 # Init
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, key) -> dict:
-    """Fresh fp32 params: nanochat's init_weights for the config's recipe."""
+    """Fresh fp32 params: nanochat's init_weights for the config's recipe. Jitted (one compile instead of one per
+    random op); wrap it in your own jit with out_shardings to create sharded params directly."""
     C, V, L = config.n_embd, config.padded_vocab_size, config.n_layer
     q_out, kv_out, hid = config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.mlp_hidden
     keys = iter(jax.random.split(key, 8 * L + 8))
