@@ -249,3 +249,30 @@ def test_text_too_small_for_the_vocab_stops_early():
     ref = rustbpe.Tokenizer()
     ref.train_from_iterator(docs, 1000, pattern=NANOCHAT_PATTERN)
     assert ref.get_mergeable_ranks() == ranks
+
+
+def test_gil_is_released_while_training():
+    """Another Python thread keeps running while bpe_rs splits and merges (it would stall if the GIL were held)."""
+    import threading
+    import time
+
+    docs = python_docs() * 3
+    for attempt in range(3):  # the machine is shared: allow a noisy run or two
+        done = threading.Event()
+
+        def work():
+            bpe_rs.Tokenizer().train_from_iterator(docs, 8192)
+            done.set()
+
+        thread = threading.Thread(target=work)
+        start = last = time.perf_counter()
+        thread.start()
+        max_gap = 0.0
+        while not done.is_set():
+            now = time.perf_counter()
+            max_gap, last = max(max_gap, now - last), now
+        thread.join()
+        duration = time.perf_counter() - start
+        if duration > 0.05 and max_gap < 0.5 * duration:
+            return
+    pytest.fail(f"main thread stalled {max_gap:.3f}s of a {duration:.3f}s training run")
