@@ -487,12 +487,14 @@ def _mark_flags_parsed():
 
 def pretrain_loader(shards: Sequence[str | os.PathLike] | ShardDocs, B: int, T: int, bos: int, *,
                     packing: str = "bestfit", seed: int = 0, shuffle: bool = True, buffer_size: int = 1000,
-                    fingerprint: str | None = None, num_workers: int = 0,
+                    fingerprint: str | None = None, num_workers: int = 0, require_full_batch: bool = True,
                     process_index: int | None = None, process_count: int | None = None) -> Loader:
     """Pretraining batches from token shards: B global rows of T tokens (each process yields B / processes rows).
 
     packing: "bestfit" (every row starts with bos; nanochat 2026) or "concat" (documents back to back, rows cut
     anywhere). shuffle=False reads documents in order (validation). fingerprint: refuse shards of another tokenizer.
+    The stream is endless (epochs repeat, reshuffled); a corpus smaller than one batch is an error unless
+    require_full_batch=False (e.g. a tiny validation split, read for a fixed number of batches).
     """
     if packing not in ("bestfit", "concat"):
         raise UserError(f"unknown packing {packing!r}: use bestfit or concat")
@@ -501,7 +503,7 @@ def pretrain_loader(shards: Sequence[str | os.PathLike] | ShardDocs, B: int, T: 
     b_local = _local_rows(B, pc)
     need = b_local * (T + 1)
     have = (docs.n_tokens + len(docs)) // pc
-    if have < need:
+    if have < need and require_full_batch:
         raise UserError(f"corpus too small: {docs.n_tokens} tokens in {len(docs)} documents cannot fill one batch "
                         f"of {B}x{T + 1} tokens; use more data or a smaller --device-batch-size/--max-seq-len")
     buffer_size = max(1, min(buffer_size, len(docs) // pc))
@@ -513,7 +515,7 @@ def pretrain_loader(shards: Sequence[str | os.PathLike] | ShardDocs, B: int, T: 
 def sft_loader(conversations, tokenizer, B: int, T: int, *, packing: str = "pack", seed: int = 0,
                shuffle: bool = True, buffer_size: int = 100, num_workers: int = 0,
                process_index: int | None = None, process_count: int | None = None) -> Loader:
-    """SFT batches from conversations (anything with len() and [i] -> {"messages": [...]}, e.g. a task).
+    """SFT batches from conversations (a task or list: len() and [i] -> {"messages": [...]}; or any iterable).
 
     Each conversation is rendered with `tokenizer.render_conversation` (ids, loss mask); targets are -1 where the
     mask is 0 and on padding. packing: "pack" (best fit of whole conversations, rest of the row padded) or "pad"
@@ -521,6 +523,8 @@ def sft_loader(conversations, tokenizer, B: int, T: int, *, packing: str = "pack
     """
     if packing not in ("pack", "pad"):
         raise UserError(f"unknown SFT packing {packing!r}: use pack or pad")
+    if not (hasattr(conversations, "__len__") and hasattr(conversations, "__getitem__")):
+        conversations = list(conversations)   # a plain iterable: random access is needed for shuffling and resume
     n = len(conversations)
     pi, pc = _process_info(process_index, process_count)
     b_local = _local_rows(B, pc)

@@ -199,3 +199,20 @@ def test_download_data_script(server, base_dir, capsys):
     server.plans["/shard_00001.parquet"] = ["404"]
     with pytest.raises(UserError, match="1 of 3 shards failed.*HTTP 404"):
         main(["-n", "3", "--dataset", "climbmix-400b", "--base-url", server.url])
+
+
+def test_downloaded_shards_feed_iter_documents_and_the_pretokenizer(server, base_dir, monkeypatch):
+    from nanochat_jax.dataloader import ShardDocs
+    from nanochat_jax.tokenizer import Tokenizer
+    monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+    monkeypatch.setenv("NANOCHAT_DATASET", "fineweb-edu-100b")
+    with pytest.raises(UserError, match="download_data"):
+        list(dataset.iter_documents("shards"))
+    dataset.download_shards(3)
+    docs = list(dataset.iter_documents("shards"))              # the training shards only
+    assert len(docs) == 100 and docs[0].startswith("shard 0 document 0") and docs[-1].startswith("shard 1 ")
+    tok = Tokenizer({bytes([i]): i for i in range(256)})
+    train, val = dataset.ensure_pretokenized("shards", tok, workers=1)
+    val_docs = ShardDocs(val)
+    assert len(ShardDocs(train)) == 100 and len(val_docs) == 50   # the last shard is the validation split
+    assert bytes(val_docs[0].astype("uint8")).decode().startswith("shard 1822 document 0")
