@@ -199,7 +199,8 @@ def smear(params, x, prev, positions):
     """2026: x[t] += smear_lambda * sigmoid(x[t, :24] @ smear_gate) * x[t-1], for positions >= 1 (pre-smear x).
     x: (B, T, C); prev: (B, C), the embedding before x[:, 0] (ignored where that position is 0)."""
     x_prev = jnp.concatenate([prev[:, None].astype(x.dtype), x[:, :-1]], axis=1)
-    gate = params["smear_lambda"].astype(x.dtype) * jax.nn.sigmoid(linear(x[..., :SMEAR_CHANNELS], params["smear_gate"]))
+    gate = jax.nn.sigmoid(linear(x[..., :SMEAR_CHANNELS], params["smear_gate"]))  # (B, T, 1)
+    gate = params["smear_lambda"].astype(x.dtype) * gate
     gate = jnp.where((positions >= 1)[..., None], gate, 0)
     return x + gate * x_prev
 
