@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyIterator, PyString};
 
 use split::{Splitter, GPT4_PATTERN, NANOCHAT_PATTERN};
 
@@ -66,37 +66,43 @@ impl Tokenizer {
                 type_name(iterator)
             ))
         })?;
-        let mut counter = train::ChunkCounter::new();
-        let mut batch: Vec<Bound<'_, PyString>> = Vec::with_capacity(buffer_size);
-        let mut index = 0u64;
-        loop {
-            batch.clear();
-            for item in iter.by_ref().take(buffer_size) {
-                let item = item?;
-                let s = item.downcast_into::<PyString>().map_err(|e| {
-                    PyTypeError::new_err(format!(
-                        "train_from_iterator: the iterator must yield str, but item {} is {}",
-                        index,
-                        type_name(e.into_inner().as_any())
-                    ))
-                })?;
-                batch.push(s);
-                index += 1;
+        // Pipeline: while a worker splits and counts batch k (without the GIL), this thread pulls batch k+1 from the
+        // Python iterator. Each batch is copied into one owned buffer, so the worker never touches Python objects.
+        let counter = train::ChunkCounter::new();
+        let (mut num_docs, mut num_bytes) = (0u64, 0u64);
+        std::thread::scope(|scope| -> PyResult<()> {
+            let mut pending: Option<std::thread::ScopedJoinHandle<'_, Result<(), String>>> = None;
+            let wait = |handle: std::thread::ScopedJoinHandle<'_, Result<(), String>>| -> PyResult<()> {
+                let result = py.allow_threads(|| handle.join());
+                match result {
+                    Ok(r) => r.map_err(PyValueError::new_err),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            };
+            loop {
+                let batch = Batch::pull(&mut iter, buffer_size, num_docs)?;
+                num_docs += batch.ends.len() as u64;
+                num_bytes += batch.text.len() as u64;
+                if let Some(handle) = pending.take() {
+                    wait(handle)?;
+                }
+                py.check_signals()?;
+                if batch.ends.is_empty() {
+                    return Ok(());
+                }
+                let full = batch.ends.len() == buffer_size;
+                let (counter, splitter) = (&counter, &splitter);
+                pending = Some(scope.spawn(move || counter.add_batch(&batch.docs(), splitter)));
+                if !full {
+                    return wait(pending.take().unwrap());
+                }
             }
-            if batch.is_empty() {
-                break;
-            }
-            let texts: Vec<&str> = batch.iter().map(|s| s.to_str()).collect::<PyResult<_>>()?;
-            py.allow_threads(|| counter.add_batch(&texts, &splitter)).map_err(PyValueError::new_err)?;
-            if batch.len() < buffer_size {
-                break;
-            }
-        }
-        if counter.num_bytes == 0 {
-            return Err(PyValueError::new_err(if counter.num_docs == 0 {
+        })?;
+        if num_bytes == 0 {
+            return Err(PyValueError::new_err(if num_docs == 0 {
                 "no text to train on: the iterator yielded nothing".to_string()
             } else {
-                format!("no text to train on: all {} strings from the iterator are empty", counter.num_docs)
+                format!("no text to train on: all {num_docs} strings from the iterator are empty")
             }));
         }
         let merges = py.allow_threads(|| {
@@ -135,6 +141,43 @@ impl Tokenizer {
 
     fn __repr__(&self) -> String {
         format!("bpe_rs.Tokenizer(vocab_size={})", 256 + self.merges.len())
+    }
+}
+
+/// Up to `buffer_size` strings from a Python iterator, copied into one buffer.
+struct Batch {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    fn pull(iter: &mut Bound<'_, PyIterator>, buffer_size: usize, first_index: u64) -> PyResult<Batch> {
+        let mut batch = Batch { text: String::new(), ends: Vec::with_capacity(buffer_size) };
+        for item in iter.by_ref().take(buffer_size) {
+            let item = item?;
+            let s = item.downcast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "train_from_iterator: the iterator must yield str, but item {} is {}",
+                    first_index + batch.ends.len() as u64,
+                    type_name(&item)
+                ))
+            })?;
+            batch.text.push_str(s.to_str()?);
+            batch.ends.push(batch.text.len());
+        }
+        Ok(batch)
+    }
+
+    fn docs(&self) -> Vec<&str> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let doc = &self.text[start..end];
+                start = end;
+                doc
+            })
+            .collect()
     }
 }
 

@@ -70,21 +70,17 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FoldHasher>>;
 /// Counts of unique chunks, kept in one map per worker so batches need no merging until the end.
 pub struct ChunkCounter {
     shards: Vec<Mutex<FastMap<Box<[u8]>, i64>>>,
-    pub num_docs: u64,
-    pub num_bytes: u64,
 }
 
 impl ChunkCounter {
     pub fn new() -> Self {
         let n = rayon::current_num_threads().max(1);
-        ChunkCounter { shards: (0..n).map(|_| Mutex::new(FastMap::default())).collect(), num_docs: 0, num_bytes: 0 }
+        ChunkCounter { shards: (0..n).map(|_| Mutex::new(FastMap::default())).collect() }
     }
 
     /// Split and count one batch of documents, in parallel.
-    pub fn add_batch(&mut self, docs: &[&str], splitter: &Splitter) -> Result<(), String> {
+    pub fn add_batch(&self, docs: &[&str], splitter: &Splitter) -> Result<(), String> {
         let total: usize = docs.iter().map(|d| d.len()).sum();
-        self.num_docs += docs.len() as u64;
-        self.num_bytes += total as u64;
         if docs.is_empty() {
             return Ok(());
         }
