@@ -1,0 +1,107 @@
+"""Helpers for the chat-stage tests (mid, SFT, RL, chat_eval, the chain): a tiny tokenizer, a tiny model, a tiny
+base checkpoint under a base dir, and a local HTTP server with fixture task data (404 for everything else)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import jax
+
+from nanochat_jax.tasks import identity_conversations
+from nanochat_jax.tasks.spelling import SpellingBee
+
+VOCAB = 512
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A BPE tokenizer trained on identity, spelling and GSM8K-like text (vocab 512 by default)."""
+    from nanochat_jax.tokenizer import Tokenizer
+    texts = []
+    for c in identity_conversations():
+        texts += [m["content"] for m in c["messages"]]
+    bee = SpellingBee(size=200)
+    for i in range(len(bee)):
+        c = bee[i]
+        texts.append(c["messages"][0]["content"])
+        texts.append("".join(p["text"] for p in c["messages"][1]["content"]))
+    texts += [f"Tom has {a} apples and buys {b} more. {a}+{b}={a + b} so he has {a + b}.\n#### {a + b}"
+              for a in range(20) for b in range(10)]
+    texts += ["Multiple Choice question: which is red?\n- apple=A\n- sky=B\n\nRespond only with the letter."] * 5
+    return Tokenizer.train_from_iterator(texts, vocab_size)
+
+
+def tiny_config(tokenizer=None, depth: int = 2, seq_len: int = 128, recipe: str = "2025"):
+    from nanochat_jax.config import ModelConfig
+    vocab = (tokenizer or tiny_tokenizer()).get_vocab_size()
+    return ModelConfig.from_depth(depth, d_model=64, head_dim=32, vocab_size=vocab, max_seq_len=seq_len,
+                                  recipe=recipe)
+
+
+def tiny_params(config, seed: int = 0, scale_lm_head: float = 0.5):
+    """init_params, with a non-zero lm_head (nanochat zero-initialises it, which makes every logit 0)."""
+    from nanochat_jax import model
+    params = model.init_params(config, jax.random.PRNGKey(seed))
+    key = jax.random.PRNGKey(seed + 1)
+    params["lm_head"] = scale_lm_head * jax.random.normal(key, params["lm_head"].shape, params["lm_head"].dtype)
+    return params
+
+
+def save_base_checkpoint(base_dir: Path, tokenizer, config, params, tag: str = "d2") -> Path:
+    """A one-step 'base' checkpoint (params + an Adam-free train state) under <base>/checkpoints/base/<tag>."""
+    from nanochat_jax.checkpoint import CheckpointManager, checkpoint_dir
+    out = checkpoint_dir("base", tag)
+    tokenizer.save(Path(base_dir) / "tokenizer")
+    ckpt = CheckpointManager(out, async_save=False, tokenizer=tokenizer)
+    ckpt.save(1, {"params": params}, {}, {"model_config": config.to_dict(), "stage": "base", "model_tag": tag})
+    ckpt.close()
+    return out
+
+
+class FixtureHub:
+    """127.0.0.1 HTTP server over a directory laid out as <repo>/resolve/main/<path> (HF hub style)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        handler = functools.partial(_Quiet, directory=str(self.root))
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def add_parquet(self, repo: str, path: str, rows: list[dict]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        dest = self.root / "datasets" / repo / "resolve" / "main" / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), dest)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+
+def gsm8k_rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        a, b = i % 20, (i * 7) % 10
+        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+                     "answer": f"He has {a}+{b}=<<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})
+    return rows
+
+
+def arc_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append({"id": str(i), "question": f"Which number is {i % 4}?",
+                     "choices": {"text": ["zero", "one", "two", "three"], "label": ["A", "B", "C", "D"]},
+                     "answerKey": "ABCD"[i % 4]})
+    return rows
