@@ -8,7 +8,13 @@ report can stitch `report.md` together; `reset()` starts a new report.
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import platform
 import re
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 from nanochat_jax.common import get_base_dir, process_index
@@ -111,3 +117,364 @@ def reset() -> None:
     if d.is_dir():
         for p in d.glob("*.md"):
             p.unlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stitched report.md (nanochat's layout): a header (environment, cost, code size), a summary table across the
+# stages, the plots, then every stage's section in the order the stages ran.
+#
+#     write_header(hourly_cost=None)      # at the start of a run (scripts.report reset): start time, environment
+#     generate_report()                   # at the end: <base dir>/report/report.md + PNG plots beside it
+
+HEADER_FILE = "header.json"
+# $/hour per GPU by model name, as nanochat's report estimates it (Lambda on-demand prices, 2025)
+GPU_HOURLY = {"H200": 3.50, "H100": 3.00, "A100": 1.79, "L40": 1.10, "A10": 0.75, "V100": 0.55}
+GPU_HOURLY_DEFAULT = 2.00
+# the summary table: rows, and where each value comes from
+SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+SUMMARY_STAGES = ["BASE", "MID", "SFT", "RL"]
+CODE_EXTENSIONS = (".py", ".rs", ".sh", ".html", ".toml")
+TRAIN_STAGES = ("base", "mid", "sft", "rl")
+
+
+def _run(cmd: list[str], cwd=None) -> str:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def git_info(root=None) -> dict:
+    root = root or repo_root()
+    commit = _run(["git", "rev-parse", "--short", "HEAD"], root)
+    if not commit:
+        return {"commit": "unknown (not a git checkout)"}
+    dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], root))
+    return {"commit": commit + (" (uncommitted changes)" if dirty else ""),
+            "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], root),
+            "message": _run(["git", "log", "-1", "--pretty=%s"], root)[:100]}
+
+
+def gpu_info() -> list[dict]:
+    """[{name, memory_gib}] per NVIDIA GPU from nvidia-smi (no JAX import: reporting must not grab the devices)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    out = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+    gpus = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0]:
+            try:
+                gpus.append({"name": parts[0], "memory_gib": round(float(parts[1]) / 1024, 1)})
+            except ValueError:
+                gpus.append({"name": parts[0], "memory_gib": None})
+    return gpus
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def hardware_info() -> dict:
+    gpus = gpu_info()
+    info = {"platform": f"{platform.system()} {platform.machine()}", "cpu": _cpu_name(),
+            "cpu cores": os.cpu_count(), "memory (GiB)": _memory_gib()}
+    if gpus:
+        names = sorted({g["name"] for g in gpus})
+        info["gpus"] = f"{len(gpus)} x " + ", ".join(names) + (f" ({gpus[0]['memory_gib']} GiB each)"
+                                                               if gpus[0]["memory_gib"] else "")
+    else:
+        info["gpus"] = "none (CPU)"
+    return info
+
+
+def software_versions() -> dict:
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tiktoken", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def hourly_cost(gpus: list[dict] | None = None) -> float:
+    """Estimated $/hour of this machine: GPUs priced per GPU by model; a CPU-only machine counts as free."""
+    gpus = gpu_info() if gpus is None else gpus
+    total = 0.0
+    for g in gpus:
+        total += next((v for k, v in GPU_HOURLY.items() if k in g["name"]), GPU_HOURLY_DEFAULT)
+    return total
+
+
+def code_size(root=None) -> dict:
+    """Characters, lines and files of the source (tracked .py/.rs/.sh/.html/.toml files), nanochat's 'bloat'."""
+    root = Path(root or repo_root())
+    listed = _run(["git", "ls-files"], root).splitlines()
+    if listed:
+        files = [root / f for f in listed]
+    else:
+        files = [p for p in root.rglob("*") if ".venv" not in p.parts and "target" not in p.parts]
+    files = [p for p in files if p.suffix in CODE_EXTENSIONS and p.is_file()]
+    chars = lines = 0
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        chars += len(text)
+        lines += text.count("\n")
+    return {"characters": chars, "lines": lines, "files": len(files)}
+
+
+def write_header(hourly: float | None = None, preset: str | None = None) -> Path:
+    """Record the run's start time and environment in `<report dir>/header.json` (process 0 only)."""
+    path = report_dir() / HEADER_FILE
+    if process_index() != 0:
+        return path
+    gpus = gpu_info()
+    data = {"start_time": time.time(), "preset": preset,
+            "hourly_cost": float(hourly) if hourly is not None else hourly_cost(gpus),
+            "git": git_info(), "hardware": hardware_info(), "software": software_versions(),
+            "code": code_size()}
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    return path
+
+
+def read_header() -> dict | None:
+    path = get_base_dir() / "report" / HEADER_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading sections back
+
+def parse_section(text: str) -> dict:
+    """The `- key: value` lines of a section as {key: value string} (tables and paragraphs are ignored)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("- ") and ": " in line:
+            k, v = line[2:].split(": ", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _section_time(text: str) -> float | None:
+    m = re.search(r"^timestamp: (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, re.M)
+    if not m:
+        return None
+    return time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+
+
+def _stage_of(title: str) -> str | None:
+    """'Chat evaluation sft' -> 'SFT'; 'Base model evaluation' -> 'BASE'; other sections -> None."""
+    t = title.lower().strip()
+    if t == "base model evaluation":
+        return "BASE"
+    m = re.fullmatch(r"chat evaluation (\w+)", t)
+    if m and m.group(1).upper() in SUMMARY_STAGES:
+        return m.group(1).upper()
+    return None
+
+
+def summary_values(sections: list[tuple[str, str]]) -> dict:
+    """{row: {stage: value string}} for the summary table, from the evaluation sections (later ones win)."""
+    table = {row: {} for row in SUMMARY_ROWS}
+    for title, text in sections:
+        stage = _stage_of(title)
+        if stage is None:
+            continue
+        kv = parse_section(text)
+        if stage == "BASE" and "CORE metric" in kv:
+            table["CORE"]["BASE"] = kv["CORE metric"]
+        for row in SUMMARY_ROWS[1:]:
+            v = kv.get(row)
+            if v is not None and v != "None":
+                table[row][stage] = v
+    return table
+
+
+def summary_markdown(sections: list[tuple[str, str]], header: dict | None, end_time: float | None = None) -> str:
+    values = summary_values(sections)
+    lines = ["## Summary", "", "| Metric | " + " | ".join(SUMMARY_STAGES) + " |",
+             "|" + "---|" * (len(SUMMARY_STAGES) + 1)]
+    for row in SUMMARY_ROWS:
+        lines.append(f"| {row} | " + " | ".join(values[row].get(s, "-") for s in SUMMARY_STAGES) + " |")
+    lines.append("")
+    lines.append("'-': not measured at that stage; 'skipped': the task's data was not available (offline).")
+    lines.append("")
+    times = [t for t in (_section_time(x) for _, x in sections) if t is not None]
+    start = header.get("start_time") if header else None
+    end = end_time if end_time is not None else (max(times) if times else None)
+    if start is not None and end is not None:
+        wall = max(0.0, end - start)
+        rate = header.get("hourly_cost") or 0.0
+        lines.append(f"Total wall clock time: {_fmt_duration(wall)}")
+        lines.append(f"Estimated cost: ${wall / 3600 * rate:,.2f} (at ${rate:,.2f}/hour)")
+    else:
+        lines.append("Total wall clock time: unknown (no header: run `python -m scripts.report reset` at the start)")
+    return "\n".join(lines) + "\n"
+
+
+def header_markdown(header: dict | None, generated: float | None = None) -> str:
+    generated = generated or time.time()
+    lines = ["# nanochat-jax training report", "",
+             f"Generated: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(generated))}", ""]
+    if not header:
+        return "\n".join(lines + ["(no environment header recorded)", ""])
+    g, hw, sw, code = header.get("git", {}), header.get("hardware", {}), header.get("software", {}), \
+        header.get("code", {})
+    lines += ["## Environment", "",
+              f"- git commit: {g.get('commit')}" + (f" on {g['branch']}" if g.get("branch") else "")
+              + (f" ({g['message']})" if g.get("message") else ""),
+              f"- started: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(header['start_time']))}"]
+    if header.get("preset"):
+        lines.append(f"- preset: {header['preset']}")
+    lines += ["", "Hardware:", ""] + [f"- {k}: {v}" for k, v in hw.items()]
+    lines += [f"- hourly cost: ${header.get('hourly_cost', 0.0):,.2f}", ""]
+    lines += ["Software:", "", "- " + ", ".join(f"{k} {v}" for k, v in sw.items()), ""]
+    if code:
+        lines += ["Code size (tracked .py/.rs/.sh/.html/.toml):", "",
+                  f"- characters: {code['characters']:,}", f"- lines: {code['lines']:,}",
+                  f"- files: {code['files']:,}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plots from the JSONL metrics that MetricsLogger writes beside its TensorBoard files
+
+def read_metrics(path) -> dict[str, tuple[list, list]]:
+    """{tag: (steps, values)} from one metrics.jsonl; a step logged twice (a resumed run) keeps its last value."""
+    by_tag: dict[str, dict[int, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            if "tag" in rec:  # text records
+                continue
+            step = rec.get("step")
+            for k, v in rec.items():
+                if k in ("step", "time"):
+                    continue
+                try:
+                    by_tag.setdefault(k, {})[int(step)] = float(v)
+                except (TypeError, ValueError):
+                    continue
+    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by_tag.items()}
+
+
+def latest_metrics(stage: str) -> Path | None:
+    """The newest metrics.jsonl under `<base dir>/tensorboard/<stage>/`."""
+    d = get_base_dir() / "tensorboard" / stage
+    files = sorted(d.glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime) if d.is_dir() else []
+    return files[-1] if files else None
+
+
+def _pick(metrics: dict, *names):
+    for n in names:
+        if n in metrics and metrics[n][0]:
+            return n
+    return None
+
+
+def make_plots(out_dir, stages=TRAIN_STAGES) -> list[tuple[str, Path]]:
+    """One PNG per training stage with metrics: train loss (raw and smoothed), validation, and the LR schedule.
+    Returns [(stage, path)]."""
+    import numpy as np
+    from nanochat_jax import plot
+    out = []
+    for stage in stages:
+        src = latest_metrics(stage)
+        if src is None:
+            continue
+        m = read_metrics(src)
+        panels = []
+        loss = {lab: m[t] for lab, t in (("raw", "train/raw_loss"), ("smoothed", "train/loss")) if t in m}
+        if loss:
+            panels.append(plot.render_panel(loss, f"{stage}: train loss", "step"))
+        val_tags = [t for t in m if t.startswith("val/")]
+        if val_tags:
+            panels.append(plot.render_panel({t: m[t] for t in val_tags}, f"{stage}: validation", "step"))
+        lr = _pick(m, "train/lrm", "train/lr")
+        if lr:
+            panels.append(plot.render_panel({lr.split("/")[-1]: m[lr]}, f"{stage}: learning rate schedule",
+                                            "step"))
+        if not panels:
+            continue
+        out.append((stage, plot.write_png(Path(out_dir) / f"{stage}_curves.png", np.concatenate(panels))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report.md
+
+def stage_timings() -> list[dict]:
+    """Per-stage wall time recorded by run_speedrun.sh (`<base dir>/speedrun/<stage>.done`: `seconds=N`)."""
+    d = get_base_dir() / "speedrun"
+    rows = []
+    for p in sorted(d.glob("*.done"), key=lambda p: p.stat().st_mtime) if d.is_dir() else []:
+        kv = dict(line.split("=", 1) for line in p.read_text().splitlines() if "=" in line)
+        try:
+            rows.append({"stage": p.stem, "seconds": float(kv.get("seconds", "nan"))})
+        except ValueError:
+            continue
+    return rows
+
+
+def generate_report(out_path=None, plots: bool = True) -> Path:
+    """Stitch `report.md` (default `<base dir>/report/report.md`): header, summary, plots, every stage's section.
+    The plots are PNG files beside it, linked by relative path. Returns the report's path."""
+    out_path = Path(out_path) if out_path else report_dir() / "report.md"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    header = read_header()
+    sections = read_sections()
+    parts = [header_markdown(header), summary_markdown(sections, header)]
+    timings = stage_timings()
+    if timings:
+        rate = (header or {}).get("hourly_cost") or 0.0
+        parts.append(render("Stage timings", {"stages": [
+            {"stage": r["stage"], "wall time": _fmt_duration(r["seconds"]),
+             "est. cost ($)": f"{r['seconds'] / 3600 * rate:.2f}"} for r in timings]},
+            timestamp=time.strftime("%Y-%m-%d %H:%M:%S")))
+    if plots:
+        made = make_plots(out_path.parent)
+        lines = ["## Plots", ""]
+        for stage, p in made:
+            lines += [f"![{stage} curves]({p.name})", ""]
+        if not made:
+            lines.append("(no training metrics found under the base dir's tensorboard/)")
+        parts.append("\n".join(lines) + "\n")
+    parts += [text for _, text in sections]
+    tmp = out_path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(p.rstrip() + "\n" for p in parts), encoding="utf-8")
+    tmp.replace(out_path)
+    return out_path
