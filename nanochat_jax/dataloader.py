@@ -8,11 +8,14 @@ Shard file (`.bin`, one file, little-endian):
 Documents are stored without <|bos|>; the packer prepends it.
 
 Pipelines (grain `IterDataset`):
-    doc ids:  range(N) -> shuffle(seed), reshuffled every epoch -> repeat forever -> (doc id, epoch)
-              -> this process's share [process_index::process_count]
-    packer:   BOS-aligned best-fit (nanochat 2026), plain concatenation, or SFT (whole conversations, padded)
+    doc ids:  `DocIdChunks`: a permutation of range(N) per epoch (seed, epoch), endless; this process takes every
+              process_count-th position; served in chunks of 256 (doc id, epoch) pairs
+    packer:   BOS-aligned best-fit (nanochat 2026), plain concatenation, or SFT (whole conversations, padded);
+              reads the documents by id through a memory-mapped `ShardDocs` (or renders conversations)
     batch:    B_local rows -> {"inputs": int32 (B, T), "targets": int32 (B, T)} (+ epoch, dropped by `Loader`)
-    workers:  optional `mp_prefetch`; each worker packs its own slice (fixed worker count per run).
+    workers:  optional `mp_prefetch`; each worker packs its own slice of chunks (same worker count to resume).
+Packer state = the parent's position + the ids in its buffer/current chunk, so a resumed loader rebuilds the exact
+buffer by re-reading those documents.
 `Loader` wraps the iterator: `next()` gives a numpy batch, `get_state()`/`set_state()` are JSON-able, and
 `to_global(batch, mesh)` turns the per-process rows into one global `jax.Array` sharded over `data`.
 """
@@ -143,13 +146,11 @@ class ShardDocs:
         if not paths:
             raise UserError("no token shards given (empty corpus?)")
         self.shards = [TokenShard(p, fingerprint) for p in paths]
-        sizes = {s.dtype for s in self.shards}
         self.vocab_size = max(s.vocab_size for s in self.shards)
         self.starts = np.cumsum([0] + [s.n_docs for s in self.shards]).tolist()
         self.n_tokens = sum(s.n_tokens for s in self.shards)
         if self.starts[-1] == 0:
             raise UserError(f"token shards {paths[0]}...: empty corpus (no documents)")
-        del sizes
 
     def __len__(self) -> int:
         return self.starts[-1]

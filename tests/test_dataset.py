@@ -121,3 +121,18 @@ def test_pretokenize_script(tmp_path, base_dir, tok, capsys):
     with pytest.raises(SystemExit):
         run_main(main, ["--data-path", str(tmp_path / "missing.txt")])
     assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+def test_bad_corpus_from_the_command_line_is_one_line_without_traceback(tmp_path, base_dir, tok):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tok.save(base_dir / "tokenizer")
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"body": "no text here"}\n')
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "scripts.pretokenize", "--data-path", str(tmp_path / "c.jsonl"),
+                        "-w", "1"], cwd=repo, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONPATH": str(repo)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f'error: {tmp_path / "c.jsonl"}: line 2 has no "text" field']
