@@ -266,89 +266,111 @@ class _PackSpec:
             lookup, mode, T, buffer_size, bos, pad_id
 
 
+class RowPacker:
+    """Pulls (doc id, epoch) chunks from its parent and yields packed rows {"inputs", "targets", "epoch"}.
+
+    Plain Python (grain's `PackIterator` wraps it; without grain it runs as is). Its state: the parent's, the rest
+    of the current chunk, and the buffered document ids (or the current document and offset for "concat").
+    """
+
+    def __init__(self, parent_it, spec: _PackSpec):
+        self._parent = parent_it   # yields (K, 2) chunks of (doc id, epoch); has get_state / set_state
+        self.spec = spec
+        self._reset()
+
+    def __iter__(self):
+        return self
+
+    def _reset(self):
+        sp = self.spec
+        self.queue, self.qpos = np.zeros((0, 2), np.int64), 0   # the current chunk of (doc id, epoch)
+        if sp.mode == "concat":
+            self.cur = None    # [doc_id, epoch, offset into bos+doc]
+        else:
+            self.packer = BestFitPacker(sp.T + 1, sp.buffer_size if sp.mode != "sft_pad" else 1, sp.bos,
+                                        crop=(sp.mode == "bestfit"), one_per_row=(sp.mode == "sft_pad"),
+                                        pad_id=sp.pad_id)
+
+    def _pull(self):
+        if self.qpos == len(self.queue):
+            self.queue, self.qpos = next(self._parent), 0
+        doc_id, epoch = self.queue[self.qpos]
+        self.qpos += 1
+        return int(doc_id), int(epoch)
+
+    def _concat_row(self):
+        cap, bos = self.spec.T + 1, self.spec.bos
+        row = np.empty(cap, np.int32)
+        pos, epoch = 0, 0
+        while pos < cap:
+            if self.cur is None:
+                self.cur = [*self._pull(), 0]
+            doc_id, e, off = self.cur
+            toks = self.spec.lookup(doc_id)[0]
+            n = len(toks) + 1
+            take = min(n - off, cap - pos)
+            if off == 0:
+                row[pos] = bos
+                row[pos + 1:pos + take] = toks[:take - 1]
+            else:
+                row[pos:pos + take] = toks[off - 1:off - 1 + take]
+            pos += take
+            epoch = max(epoch, e)
+            self.cur = None if off + take == n else [doc_id, e, off + take]
+        return row, np.ones(cap, np.int8), epoch
+
+    def __next__(self):
+        if self.spec.mode == "concat":
+            row, mask, epoch = self._concat_row()
+        else:
+            p = self.packer
+            while len(p) < p.buffer_size:
+                doc_id, e = self._pull()
+                toks, m = self.spec.lookup(doc_id)
+                p.add(doc_id, e, toks, m)
+            row, mask, epoch = p.pop_row()
+        targets = np.where(mask[1:] > 0, row[1:], -1).astype(np.int32)
+        return {"inputs": row[:-1], "targets": targets, "epoch": np.int32(epoch)}
+
+    def get_state(self):
+        state = {"parent": self._parent.get_state(), "queue": self.queue[self.qpos:].tolist()}
+        if self.spec.mode == "concat":
+            state["cur"] = self.cur
+        else:
+            state["buffer"] = self.packer.buffered()
+            state["cropped"], state["packed"] = int(self.packer.cropped), int(self.packer.packed)
+        return state
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._reset()
+        self.queue = np.asarray(state["queue"], np.int64).reshape(-1, 2)
+        if self.spec.mode == "concat":
+            self.cur = None if state["cur"] is None else [int(x) for x in state["cur"]]
+        else:
+            for doc_id, epoch in state["buffer"]:
+                toks, m = self.spec.lookup(doc_id)
+                self.packer.add(doc_id, epoch, toks, m)
+            self.packer.cropped, self.packer.packed = state["cropped"], state["packed"]
+
+
 def _build_grain_classes():
-    """Define the grain packer classes (grain is imported lazily; `__getattr__` below makes them picklable)."""
+    """Define the grain classes (grain is imported lazily; `__getattr__` below makes them picklable)."""
     grain = _grain()
 
     class PackIterator(grain.DatasetIterator):
-        """Pulls (doc id, epoch) from its parent and yields packed rows {"inputs", "targets", "epoch"}."""
-
         def __init__(self, parent_it, spec: _PackSpec):
             super().__init__(parent_it)
-            self.spec = spec
-            self._reset()
-
-        def _reset(self):
-            sp = self.spec
-            self.queue, self.qpos = np.zeros((0, 2), np.int64), 0   # the current chunk of (doc id, epoch)
-            if sp.mode == "concat":
-                self.cur = None    # [doc_id, epoch, offset into bos+doc]
-            else:
-                self.packer = BestFitPacker(sp.T + 1, sp.buffer_size if sp.mode != "sft_pad" else 1, sp.bos,
-                                            crop=(sp.mode == "bestfit"), one_per_row=(sp.mode == "sft_pad"),
-                                            pad_id=sp.pad_id)
-
-        def _pull(self):
-            if self.qpos == len(self.queue):
-                self.queue, self.qpos = next(self._parent), 0
-            doc_id, epoch = self.queue[self.qpos]
-            self.qpos += 1
-            return int(doc_id), int(epoch)
-
-        def _concat_row(self):
-            cap, bos = self.spec.T + 1, self.spec.bos
-            row = np.empty(cap, np.int32)
-            pos, epoch = 0, 0
-            while pos < cap:
-                if self.cur is None:
-                    self.cur = [*self._pull(), 0]
-                doc_id, e, off = self.cur
-                toks = self.spec.lookup(doc_id)[0]
-                n = len(toks) + 1
-                take = min(n - off, cap - pos)
-                if off == 0:
-                    row[pos] = bos
-                    row[pos + 1:pos + take] = toks[:take - 1]
-                else:
-                    row[pos:pos + take] = toks[off - 1:off - 1 + take]
-                pos += take
-                epoch = max(epoch, e)
-                self.cur = None if off + take == n else [doc_id, e, off + take]
-            return row, np.ones(cap, np.int8), epoch
+            self.impl = RowPacker(parent_it, spec)
 
         def __next__(self):
-            if self.spec.mode == "concat":
-                row, mask, epoch = self._concat_row()
-            else:
-                p = self.packer
-                while len(p) < p.buffer_size:
-                    doc_id, e = self._pull()
-                    toks, m = self.spec.lookup(doc_id)
-                    p.add(doc_id, e, toks, m)
-                row, mask, epoch = p.pop_row()
-            targets = np.where(mask[1:] > 0, row[1:], -1).astype(np.int32)
-            return {"inputs": row[:-1], "targets": targets, "epoch": np.int32(epoch)}
+            return next(self.impl)
 
         def get_state(self):
-            state = {"parent": self._parent.get_state(), "queue": self.queue[self.qpos:].tolist()}
-            if self.spec.mode == "concat":
-                state["cur"] = self.cur
-            else:
-                state["buffer"] = self.packer.buffered()
-                state["cropped"], state["packed"] = int(self.packer.cropped), int(self.packer.packed)
-            return state
+            return self.impl.get_state()
 
         def set_state(self, state):
-            self._parent.set_state(state["parent"])
-            self._reset()
-            self.queue = np.asarray(state["queue"], np.int64).reshape(-1, 2)
-            if self.spec.mode == "concat":
-                self.cur = None if state["cur"] is None else [int(x) for x in state["cur"]]
-            else:
-                for doc_id, epoch in state["buffer"]:
-                    toks, m = self.spec.lookup(doc_id)
-                    self.packer.add(doc_id, epoch, toks, m)
-                self.packer.cropped, self.packer.packed = state["cropped"], state["packed"]
+            self.impl.set_state(state)
 
     class PackDataset(grain.IterDataset):
         def __init__(self, parent, spec: _PackSpec):
@@ -369,6 +391,60 @@ def __getattr__(name):
         _build_grain_classes()
         return globals()[name]
     raise AttributeError(name)
+
+
+class _PlainIds:
+    """Without grain: the chunk source read in order, with grain's state format ({"next_index": c})."""
+
+    def __init__(self, source):
+        self.source, self.next_index = source, 0
+
+    def __next__(self):
+        x = self.source[self.next_index]
+        self.next_index += 1
+        return x
+
+    def get_state(self):
+        return {"next_index": self.next_index}
+
+    def set_state(self, state):
+        self.next_index = int(state["next_index"])
+
+
+class _PlainBatches:
+    """Without grain: B rows stacked, the packer's state passed through (as grain's batch does)."""
+
+    def __init__(self, packer: RowPacker, rows: int):
+        self.packer, self.rows = packer, rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = [next(self.packer) for _ in range(self.rows)]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def get_state(self):
+        return self.packer.get_state()
+
+    def set_state(self, state):
+        self.packer.set_state(state)
+
+
+def _pipeline(chunks: "DocIdChunks", spec: _PackSpec, rows: int, num_workers: int):
+    """The grain pipeline (chunks -> packer -> batch [-> worker processes]), or the plain one without grain."""
+    try:
+        grain = _grain()
+    except ImportError:
+        if num_workers > 0:
+            raise UserError("loader workers need the `grain` package (pip install grain), or use 0 workers") from None
+        return _PlainBatches(RowPacker(_PlainIds(chunks), spec), rows)
+    ids = grain.MapDataset.source(chunks).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = __getattr__("PackDataset")(ids, spec).batch(rows)
+    if num_workers > 0:
+        _mark_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(ds)
 
 
 class DocIdChunks:
@@ -408,13 +484,6 @@ class DocIdChunks:
         return np.stack([ids, epoch], axis=1)
 
 
-def _doc_ids(n_docs: int, seed: int, shuffle: bool, process_index: int, process_count: int):
-    """grain IterDataset of DocIdChunks (no read-ahead threads: a chunk is cheap to compute)."""
-    grain = _grain()
-    return grain.MapDataset.source(DocIdChunks(n_docs, seed, shuffle, process_index, process_count)) \
-        .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-
-
 def _process_info(process_index, process_count):
     if process_index is None or process_count is None:
         import jax
@@ -437,14 +506,9 @@ class Loader:
     exactly the next batch (also with grain workers, given the same worker count).
     """
 
-    def __init__(self, dataset, num_workers: int = 0, name: str = "loader"):
+    def __init__(self, iterator, num_workers: int = 0, name: str = "loader"):
         self.name, self.num_workers = name, num_workers
-        self._dataset = dataset
-        if num_workers > 0:
-            grain = _grain()
-            _mark_flags_parsed()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-        self._it = iter(dataset)
+        self._it = iterator
         self.position, self.epoch = 0, 1
 
     def __iter__(self):
@@ -508,9 +572,9 @@ def pretrain_loader(shards: Sequence[str | os.PathLike] | ShardDocs, B: int, T: 
         raise UserError(f"corpus too small: {docs.n_tokens} tokens in {len(docs)} documents cannot fill one batch "
                         f"of {B}x{T + 1} tokens; use more data or a smaller --device-batch-size/--max-seq-len")
     buffer_size = max(1, min(buffer_size, len(docs) // pc))
-    ids = _doc_ids(len(docs), seed, shuffle, pi, pc)
-    packed = __getattr__("PackDataset")(ids, _PackSpec(_Lookup(docs=docs), packing, T, buffer_size, bos, bos))
-    return Loader(packed.batch(b_local), num_workers, name="pretrain loader")
+    spec = _PackSpec(_Lookup(docs=docs), packing, T, buffer_size, bos, bos)
+    it = _pipeline(DocIdChunks(len(docs), seed, shuffle, pi, pc), spec, b_local, num_workers)
+    return Loader(it, num_workers, name="pretrain loader")
 
 
 def sft_loader(conversations, tokenizer, B: int, T: int, *, packing: str = "pack", seed: int = 0,
@@ -533,11 +597,10 @@ def sft_loader(conversations, tokenizer, B: int, T: int, *, packing: str = "pack
         raise UserError(f"corpus too small: {n} conversations cannot fill one batch of {B} rows")
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     buffer_size = max(1, min(buffer_size, n // pc))
-    ids = _doc_ids(n, seed, shuffle, pi, pc)
     lookup = _Lookup(conversations=conversations, tokenizer=tokenizer, max_tokens=T + 1)
-    mode = "sft_pack" if packing == "pack" else "sft_pad"
-    packed = __getattr__("PackDataset")(ids, _PackSpec(lookup, mode, T, buffer_size, None, pad_id))
-    return Loader(packed.batch(b_local), num_workers, name="SFT loader")
+    spec = _PackSpec(lookup, "sft_pack" if packing == "pack" else "sft_pad", T, buffer_size, None, pad_id)
+    it = _pipeline(DocIdChunks(n, seed, shuffle, pi, pc), spec, b_local, num_workers)
+    return Loader(it, num_workers, name="SFT loader")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -228,6 +228,27 @@ def test_resume_is_exact(kind, workers, shards, tok):
     assert not same(first[:5], rest)
 
 
+@pytest.mark.parametrize("kind", ["bestfit", "sft_pack"])
+def test_without_grain_the_same_batches_and_states(kind, shards, tok, monkeypatch):
+    paths, _ = shards
+    with_grain = make_loader(kind, paths, tok, 0)
+    first = take(with_grain, 7)
+    state = json.loads(json.dumps(with_grain.get_state()))
+    rest = take(with_grain, 5)
+
+    def no_grain():
+        raise ImportError("no grain")
+    monkeypatch.setattr(dl, "_grain", no_grain)
+    plain = make_loader(kind, paths, tok, 0)
+    assert type(plain._it).__name__ == "_PlainBatches"
+    assert same(take(plain, 7), first) and plain.get_state() == state
+    resumed = make_loader(kind, paths, tok, 0)
+    resumed.set_state(state)                     # a grain state resumes on the plain pipeline
+    assert same(take(resumed, 5), rest)
+    with pytest.raises(UserError, match="need the `grain` package"):
+        make_loader(kind, paths, tok, 2)
+
+
 def test_resume_refuses_another_worker_count(shards, tok):
     paths, _ = shards
     state = make_loader("bestfit", paths, tok, 0).get_state()
