@@ -222,6 +222,11 @@ def test_non_str_items_are_a_type_error():
         bpe_rs.Tokenizer().train_from_iterator(42, 300)
 
 
+def test_unencodable_str_is_a_value_error():
+    with pytest.raises(ValueError, match="item 1 is not valid text"):
+        bpe_rs.Tokenizer().train_from_iterator(["ok", "lone \ud800 surrogate"], 300)
+
+
 def test_iterator_exception_propagates():
     def gen():
         yield "hello"

@@ -162,7 +162,13 @@ impl Batch {
                     type_name(&item)
                 ))
             })?;
-            batch.text.push_str(s.to_str()?);
+            let text = s.to_str().map_err(|e| {
+                PyValueError::new_err(format!(
+                    "train_from_iterator: item {} is not valid text: {e}",
+                    first_index + batch.ends.len() as u64
+                ))
+            })?;
+            batch.text.push_str(text);
             batch.ends.push(batch.text.len());
         }
         Ok(batch)

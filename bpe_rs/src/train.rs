@@ -146,7 +146,7 @@ fn pack(a: u32, b: u32) -> u64 {
 /// The learned merges, in order: merge `k` joins `merges[k]` into token `256 + k`.
 pub fn train(chunks: &[Box<[u8]>], counts: &[i64], vocab_size: u32) -> Vec<(u32, u32)> {
     let num_merges = vocab_size.saturating_sub(256) as usize;
-    let mut merges = Vec::with_capacity(num_merges);
+    let mut merges = Vec::with_capacity(num_merges.min(1 << 20));
     if num_merges == 0 {
         return merges;
     }
