@@ -58,9 +58,10 @@ def write_shard(path: str | os.PathLike, docs: Sequence[Sequence[int]], vocab_si
     lengths = np.fromiter((len(d) for d in docs), dtype=np.uint64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.uint64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs]) if len(docs) else np.zeros(0, np.int64)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"token id out of range for vocab size {vocab_size}")
+    arrays = [d if isinstance(d, np.ndarray) else np.asarray(d, dtype=np.int64) for d in docs]
+    tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype)
+    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids must be integers in [0, {vocab_size})")
     header = _HEAD.pack(MAGIC, VERSION, dtype.itemsize, int(offsets[-1]), len(docs), vocab_size)
     header = header + fp.ljust(_FP_BYTES, b"\0")
     header = header.ljust(HEADER_SIZE, b"\0")
@@ -69,7 +70,7 @@ def write_shard(path: str | os.PathLike, docs: Sequence[Sequence[int]], vocab_si
     with open(tmp, "wb") as f:
         f.write(header)
         f.write(offsets.tobytes())
-        f.write(tokens.astype(dtype).tobytes())
+        f.write(tokens.astype(dtype, copy=False).tobytes())
     os.replace(tmp, path)
     return path
 

@@ -34,6 +34,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from nanochat_jax.common import UserError, get_base_dir, print0
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -547,8 +549,15 @@ def _init_worker(tokenizer):
     _WORKER_TOKENIZER = tokenizer
 
 
-def _encode_chunk(texts: list[str]) -> list[list[int]]:
-    return _WORKER_TOKENIZER.encode(texts, num_threads=1)
+def _encode(tokenizer, texts: list[str], num_threads: int = 1) -> list:
+    """Token arrays (uint16/uint32, not Python lists: 50M ids as ints would take ~2 GB)."""
+    from nanochat_jax.dataloader import token_dtype
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    return [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode(texts, num_threads=num_threads)]
+
+
+def _encode_chunk(texts: list[str]) -> list:
+    return _encode(_WORKER_TOKENIZER, texts)
 
 
 def pretokenize(source, out_dir, tokenizer, val_fraction: float = DEFAULT_VAL_FRACTION, workers: int | None = None,
@@ -599,7 +608,7 @@ def pretokenize(source, out_dir, tokenizer, val_fraction: float = DEFAULT_VAL_FR
                 break
             texts = [[d for _, d in c] for c in window]
             encoded = pool.map(_encode_chunk, texts, chunksize=1) if pool else \
-                [tokenizer.encode(t, num_threads=4) for t in texts]
+                [_encode(tokenizer, t, num_threads=4) for t in texts]
             for chunk, ids in zip(window, encoded):
                 for (split, _), toks in zip(chunk, ids):
                     pending[split].append(toks)
