@@ -375,8 +375,8 @@ def shard_indices(n: int, dataset: str | None = None) -> list[int]:
     total = DATASETS[_check_dataset(dataset or default_dataset())][1]
     if n == -1 or n >= total:
         return list(range(total))
-    if n < 1:
-        raise UserError(f"-n must be >= 1 (or -1 for all shards), got {n}")
+    if n < 2:
+        raise UserError(f"-n must be >= 2 (train shards + the validation shard), or -1 for all; got {n}")
     return list(range(n - 1)) + [total - 1]
 
 
@@ -488,10 +488,8 @@ def split_documents(source, val_fraction: float = DEFAULT_VAL_FRACTION) -> Itera
 def _source_digest(source) -> str:
     """sha256 over the bytes of the corpus's files (or the embedded corpus / the downloaded shards' names+sizes)."""
     h = hashlib.sha256()
-    if str(source) == "embedded":
-        h.update(f"embedded {sys.version}".encode())
-        for doc in _embedded():
-            h.update(doc.encode("utf-8", "surrogatepass"))
+    if str(source) == "embedded":   # deterministic per Python build: key on it, not on its text (seconds to build)
+        h.update(f"embedded {sys.version} {sysconfig.get_paths().get('stdlib')}".encode())
         return h.hexdigest()
     if str(source) == "shards":
         for p in list_shards():
