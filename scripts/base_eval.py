@@ -30,6 +30,9 @@ def build_parser():
     p.add_argument("--max-per-task", "-x", type=int, default=-1, help="items per task (-1 = all; a debug knob)")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per forward batch (rows x length)")
     p.add_argument("--tasks", default=None, help="comma-separated task labels (default: all 22)")
+    p.add_argument("--bundle-dir", default=None,
+                   help="an unpacked eval bundle (default: <base dir>/eval_bundle, downloaded); 'mini': the small "
+                        "offline bundle (nanochat_jax.evaluation.mini_bundle)")
     return p
 
 
@@ -49,8 +52,12 @@ def main(argv=None):
 
     # -- CORE -----------------------------------------------------------------------------------------------------
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    bundle = args.bundle_dir
+    if bundle == "mini":
+        from nanochat_jax.evaluation.mini_bundle import ensure_mini_bundle
+        bundle = ensure_mini_bundle()
     core = evaluate_core(params, config, tokenizer, max_per_task=args.max_per_task, batch_tokens=args.batch_tokens,
-                         tasks=tasks)
+                         tasks=tasks, bundle_dir=bundle)
     print0(f"CORE metric: {core['core_metric']:.4f}  ({core['seconds']:.0f}s)")
 
     # -- outputs --------------------------------------------------------------------------------------------------
