@@ -74,7 +74,7 @@ def run_generative(task, engine, tokenizer, batch_size=16, max_problems=None, nu
     per_batch = max(1, batch_size // num_samples)
     for start in range(0, n, per_batch):
         convs = [task[i] for i in range(start, min(n, start + per_batch))]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        prompts = [engine.fit_conversation(c, max_tokens) for c in convs]   # render_for_completion, cut to fit
         completions = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_tokens,
                                             temperature=temperature, top_k=top_k, seed=seed + start)
         for conv, samples in zip(convs, completions):
