@@ -192,7 +192,10 @@ def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int,
                 total, count = total + float(s), count + float(c)
         finally:
             loader.close()
-        return {"val/loss": total / max(count, 1.0)}
+        if count == 0:   # e.g. every val row cropped before its first assistant token: no number, not 0
+            print0(f"val loss: no unmasked tokens in {steps} batches of {rows} x {T}")
+            return {"val/loss": float("nan")}
+        return {"val/loss": total / count}
     return fn
 
 
