@@ -412,7 +412,6 @@ def test_scheduler_serves_concurrent_streams_like_solo_runs(tiny):
 def test_scheduler_cancel_frees_the_row(tiny):
     sched = BatchScheduler(tiny, batch_size=2)
     try:
-        tiny_stop = tiny.stop_tokens
         stream = sched.stream([256, 65], max_tokens=50, temperature=1.0)
         next(stream)
         assert sched.stats()["active_rows"] == 1
@@ -422,7 +421,6 @@ def test_scheduler_cancel_frees_the_row(tiny):
                 break
             threading.Event().wait(0.01)
         assert sched.stats()["active_rows"] == 0
-        assert tiny.stop_tokens == tiny_stop
         bad = sched.submit([256] * 100, max_tokens=4)  # too long a prompt fails its request only
         assert bad.wait(10) and bad.error is not None
         ok, _ = sched.generate([256, 66], max_tokens=3, temperature=0.0)
