@@ -263,6 +263,8 @@ def run_loop(state, step_fn, batches, *, num_steps: int, tokens_per_step: int, s
         meta["loop"] = loop.to_dict()
         meta["step"] = s
         ckpt.save(s, state, data_state, meta, force=force)
+        if logger is not None and hasattr(logger, "flush"):
+            logger.flush()   # the metrics up to a checkpoint survive a crash after it
         last_read[0] = None
 
     try:
