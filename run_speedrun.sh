@@ -122,6 +122,10 @@ if [ -n "$GPUS" ] && { [ "$DRY" = 1 ] || [ "$GPUS" -lt "$NGPU" ]; } && [ "$GPUS"
   echo "export CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
   export CUDA_VISIBLE_DEVICES
 fi
+if [ "$OFFLINE" = 1 ]; then
+  echo "export NANOCHAT_OFFLINE=1   # task data: cached or packaged only, no downloads"
+  export NANOCHAT_OFFLINE=1
+fi
 if [ -n "$DATASET" ]; then
   echo "export NANOCHAT_DATASET=$DATASET"
   export NANOCHAT_DATASET=$DATASET

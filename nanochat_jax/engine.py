@@ -348,6 +348,8 @@ class Engine:
         single turn too long on its own keeps <|bos|> and its last tokens. Never raises for length."""
         budget = max(self.max_len - max_tokens, self.max_len // 2) - 1
         messages = list(conversation.get("messages", []))
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]   # the answer to be generated (render_for_completion drops it too)
         ids = self.tokenizer.render_for_completion({**conversation, "messages": messages})
         start = 1 if messages and messages[0].get("role") == "system" else 0
         while len(ids) > budget and len(messages) - start > 1:

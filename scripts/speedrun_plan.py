@@ -10,6 +10,7 @@ A preset (configs/<name>.toml) holds one table per script, plus a [speedrun] tab
     shards = 170             # shards to download in all (0: no download)
     tokenizer_shards = 8     # shards fetched first, for the tokenizer; the rest download while it trains
     rl = false               # run chat_rl and its evaluation without --rl
+    offline = false          # true: no task-data downloads (NANOCHAT_OFFLINE=1; cached and packaged data only)
 On G GPUs instead of the preset's gpus, the total batch stays: base_train derives its accumulation from the
 device count (the device batch only shrinks when the total batch is not a multiple of it), and the chat stages'
 --grad-accum grows by gpus/G. Nothing here imports JAX or touches a device.
@@ -23,7 +24,7 @@ from pathlib import Path
 from nanochat_jax.common import ArgumentParser, UserError, load_preset, parse_args, run_main
 
 REPO = Path(__file__).resolve().parent.parent
-SPEEDRUN_DEFAULTS = {"gpus": 8, "dataset": "", "shards": 0, "tokenizer_shards": 8, "rl": False}
+SPEEDRUN_DEFAULTS = {"gpus": 8, "dataset": "", "shards": 0, "tokenizer_shards": 8, "rl": False, "offline": False}
 VOCAB_DEFAULT = 65536   # tok_train's default
 
 
@@ -124,7 +125,7 @@ def main(argv=None):
     base_flags, base_text, tag, plan = base_plan(path, gpus)
     out = {"PRESET_FILE": str(path), "PRESET_NAME": path.stem, "REF_GPUS": sr["gpus"], "PLAN_GPUS": gpus,
            "DATASET": sr["dataset"], "SHARDS": sr["shards"], "TOK_SHARDS": min(sr["tokenizer_shards"], sr["shards"]),
-           "RL_DEFAULT": int(bool(sr["rl"])), "TAG": tag, "BASE_FLAGS": " ".join(base_flags),
+           "RL_DEFAULT": int(bool(sr["rl"])), "OFFLINE": int(bool(sr["offline"])), "TAG": tag, "BASE_FLAGS": " ".join(base_flags),
            "BASE_PLAN": base_text, "BASE_STEPS": plan.num_steps, "BASE_ACCUM": plan.accum}
     for section, key in (("mid_train", "MID"), ("chat_sft", "SFT")):
         flags, text = chat_plan(path, section, sr["gpus"], gpus)

@@ -117,6 +117,8 @@ def hf_file(repo: str, path: str) -> Path:
     dest = task_data_dir() / repo / path
     if dest.is_file():
         return dest
+    if os.environ.get("NANOCHAT_OFFLINE") == "1":   # the CPU miniature: cached or packaged data only
+        raise TaskDataUnavailable(f"{repo}/{path}: not cached, and NANOCHAT_OFFLINE=1")
     base = os.environ.get(HF_URL_ENV, DEFAULT_HF_URL).rstrip("/")
     url = f"{base}/datasets/{repo}/resolve/main/{path}"
     from nanochat_jax.dataset import download_file
