@@ -52,6 +52,9 @@ def build_parser():
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     p.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE items per task (-1: all)")
+    p.add_argument("--core-bundle-dir", default=None,
+                   help="CORE eval bundle dir (default: <base dir>/eval_bundle, downloaded); 'mini': the small "
+                        "offline bundle")
     p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1: never)")
     # checkpoints and output
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
@@ -152,7 +155,21 @@ def val_batches(val_shards, tokenizer, plan: Plan):
                            process_count=1)
 
 
-def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh):
+def core_bundle(args):
+    """The CORE bundle directory, downloaded or built now (at start-up, so that a failure is not mid-run)."""
+    if args.core_bundle_dir == "mini":
+        from nanochat_jax.evaluation.mini_bundle import ensure_mini_bundle
+        return ensure_mini_bundle()
+    if args.core_bundle_dir:
+        from pathlib import Path
+        if not (Path(args.core_bundle_dir) / "core.yaml").is_file():
+            raise UserError(f"--core-bundle-dir {args.core_bundle_dir}: not an eval bundle (no core.yaml)")
+        return Path(args.core_bundle_dir)
+    from nanochat_jax.evaluation.core import download_eval_bundle
+    return download_eval_bundle()
+
+
+def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh, bundle=None):
     import jax
     import numpy as np
     from nanochat_jax import sharding as shd
@@ -187,7 +204,8 @@ def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh):
 
     def core(state, step):
         from nanochat_jax.evaluation.core import evaluate_core
-        r = evaluate_core(state.params, config, tokenizer, max_per_task=args.core_metric_max_per_task)
+        r = evaluate_core(state.params, config, tokenizer, max_per_task=args.core_metric_max_per_task,
+                          bundle_dir=bundle)
         out = {"core/metric": r["core_metric"]}
         out.update({f"core/{k}": v for k, v in r["centered_results"].items()})
         return out
@@ -235,9 +253,7 @@ def main(argv=None):
     loader = pretrain_loader(train_shards, plan.rows, plan.seq_len, tokenizer.get_bos_token_id(), seed=args.seed,
                              fingerprint=tokenizer.fingerprint(), num_workers=args.loader_workers,
                              process_index=0, process_count=1)
-    if args.core_metric_every > 0:
-        from nanochat_jax.evaluation.core import download_eval_bundle
-        download_eval_bundle()
+    bundle = core_bundle(args) if args.core_metric_every > 0 else None
 
     # -- output directory: refuse to clobber, resume when asked ---------------------------------------------------------
     from pathlib import Path
@@ -275,7 +291,7 @@ def main(argv=None):
     # -- the loop -------------------------------------------------------------------------------------------------
     from nanochat_jax.metrics import MetricsLogger
     logger = MetricsLogger("base", args.run or tag)
-    hooks = make_hooks(args, plan, tokenizer, val_shards, mesh)
+    hooks = make_hooks(args, plan, tokenizer, val_shards, mesh, bundle)
 
     def meta_fn(step, loop):
         return {"model_config": config.to_dict(), "opt_config": dataclasses.asdict(opt_cfg),

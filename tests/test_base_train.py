@@ -308,3 +308,37 @@ def test_two_processes_match_one_process_with_the_same_global_batch(world, tmp_p
     a, _ = params_at(tmp_path / "two", 3)
     b, _ = params_at(tmp_path / "one", 3)
     assert_trees_equal(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_compute_val_bpb_samples_and_core(world, monkeypatch):
+    """The three periodic evaluations on a tiny untrained model: val bpb near log2(vocab)/bytes per token, one
+    sample line per prompt, CORE and per-task CORE under core/ (evaluate_core itself is stubbed here)."""
+    import jax
+    from nanochat_jax import model, sharding as shd
+    from nanochat_jax.dataset import ensure_pretokenized
+    from nanochat_jax.evaluation import SAMPLE_PROMPTS
+    from nanochat_jax.evaluation import core as core_mod
+    from nanochat_jax.tokenizer import Tokenizer
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(world.base))
+    tok = Tokenizer.from_directory(world.base / "tokenizer")
+    args = parse_args(base_train.build_parser(), "base_train", TINY + ["--eval-tokens", "256"])
+    config = cfg.config_from_args(args, tok.get_vocab_size())
+    plan = base_train.make_plan(args, config, 1)
+    _, val = ensure_pretokenized(world.corpus, tok)
+    mesh = shd.make_mesh(None, devices=jax.devices()[:1])
+    seen = {}
+
+    def fake_core(params, config, tokenizer, max_per_task=-1, bundle_dir=None, **kw):
+        seen.update(max_per_task=max_per_task, bundle_dir=bundle_dir)
+        return {"core_metric": 0.25, "centered_results": {"hellaswag": 0.5, "arc_easy": 0.0}, "results": {}}
+
+    monkeypatch.setattr(core_mod, "evaluate_core", fake_core)
+    hooks = {h.name: h for h in base_train.make_hooks(args, plan, tok, val, mesh, bundle="BUNDLE")}
+    state = SimpleNamespace(params=model.init_params(config, jax.random.PRNGKey(0)))
+    bpb = hooks["val bpb"].fn(state, 0)["val/bpb"]
+    assert 0.5 < bpb < 20 and bpb == hooks["val bpb"].fn(state, 0)["val/bpb"]     # deterministic: same val batches
+    text = hooks["samples"].fn(state, 0)["samples"]
+    assert len(text.splitlines()) >= len(SAMPLE_PROMPTS) and text.startswith(SAMPLE_PROMPTS[0])
+    core = hooks["CORE"].fn(state, 0)
+    assert core == {"core/metric": 0.25, "core/hellaswag": 0.5, "core/arc_easy": 0.0}
+    assert seen == {"max_per_task": args.core_metric_max_per_task, "bundle_dir": "BUNDLE"}
