@@ -57,7 +57,7 @@ def rollout(engine, tokenizer, task, index: int, num_samples: int, max_tokens: i
             top_k: int | None = 50, seed: int = 0) -> Rollout:
     """Sample `num_samples` completions of problem `index` with the engine (one shared prefill) and score them."""
     conversation = task[index]
-    prompt = tokenizer.render_for_completion(conversation)
+    prompt = engine.fit_conversation(conversation, max_tokens)   # render_for_completion, cut to fit the context
     sequences, masks = engine.generate(prompt, num_samples=num_samples, max_tokens=max_tokens,
                                        temperature=temperature, top_k=top_k, seed=seed)
     texts = [tokenizer.decode(s[len(prompt):]) for s in sequences]
@@ -167,7 +167,7 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, num_samples: 
     per_batch = max(1, batch_size // num_samples)
     for start in range(0, n, per_batch):
         convs = [task[i] for i in range(start, min(n, start + per_batch))]
-        prompts = [tokenizer.render_for_completion(c) for c in convs]
+        prompts = [engine.fit_conversation(c, max_tokens) for c in convs]   # cut to fit the context
         completions = engine.generate_batch(prompts, num_samples=num_samples, max_tokens=max_tokens,
                                             temperature=temperature, top_k=top_k, seed=seed + start)
         for conv, samples in zip(convs, completions):
