@@ -35,7 +35,7 @@ _FONT_HEX = {
     ".": "00000000000C0C", "-": "0000001F000000", "+": "0004041F040400", "_": "0000000000001F",
     "/": "00010204081000", "(": "02040808080402", ")": "08040202020408", ":": "000C0C000C0C00",
     ",": "000000000C0408", "%": "18190204081303", "=": "00001F001F0000", " ": "00000000000000",
-    "x": "0000110A040A11",
+    "x": "0000110A040A11", "@": "0E11171517100E", "#": "0A0A1F0A1F0A0A", "*": "00150E1F0E1500",
 }
 
 GLYPH_W, GLYPH_H = 5, 7
@@ -94,8 +94,9 @@ def draw_line(img: np.ndarray, xs, ys, color, width: int = 2):
 # ---------------------------------------------------------------------------------------------------------------
 # Axes
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About `n` round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    """About `n` round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten; whole numbers only
+    when `integer`, e.g. steps)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return []
     if hi <= lo:
@@ -103,6 +104,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     raw = (hi - lo) / max(1, n)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(1, step)
     first = math.ceil(lo / step - 1e-9) * step
     ticks, v = [], first
     while v <= hi + step * 1e-9:
@@ -160,7 +163,7 @@ def render_panel(series: dict, title: str = "", xlabel: str = "step", width: int
         label = format_tick(10 ** t if logy else t)
         tw, th = text_size(label)
         draw_text(img, left - tw - 6, py - th // 2, label, GREY)
-    for t in nice_ticks(x0, x1, 6):
+    for t in nice_ticks(x0, x1, 6, integer=True):
         px = int(round(float(sx(t))))
         img[top:top + ph, px] = LIGHT
         label = format_tick(t)

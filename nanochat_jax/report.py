@@ -407,7 +407,7 @@ def _pick(metrics: dict, *names):
 
 
 def make_plots(out_dir, stages=TRAIN_STAGES) -> list[tuple[str, Path]]:
-    """One PNG per training stage with metrics: train loss (raw and smoothed), validation, and the LR schedule.
+    """One PNG per training stage with metrics: train loss (raw and smoothed), validation, RL reward, LR schedule.
     Returns [(stage, path)]."""
     import numpy as np
     from nanochat_jax import plot
@@ -421,9 +421,11 @@ def make_plots(out_dir, stages=TRAIN_STAGES) -> list[tuple[str, Path]]:
         loss = {lab: m[t] for lab, t in (("raw", "train/raw_loss"), ("smoothed", "train/loss")) if t in m}
         if loss:
             panels.append(plot.render_panel(loss, f"{stage}: train loss", "step"))
-        val_tags = [t for t in m if t.startswith("val/")]
+        val_tags = [t for t in m if t.startswith(("val/", "eval/"))]
         if val_tags:
             panels.append(plot.render_panel({t: m[t] for t in val_tags}, f"{stage}: validation", "step"))
+        if "train/reward" in m:   # RL
+            panels.append(plot.render_panel({"reward": m["train/reward"]}, f"{stage}: mean reward", "step"))
         lr = _pick(m, "train/lrm", "train/lr")
         if lr:
             panels.append(plot.render_panel({lr.split("/")[-1]: m[lr]}, f"{stage}: learning rate schedule",
