@@ -18,6 +18,7 @@ import numpy as np
 # bf16 dense peak FLOP/s per device (NVIDIA data sheets, SXM parts; nanochat uses 989e12 for H100)
 PEAK_FLOPS_BF16 = (("B200", 2.25e15), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
 EMA_BETA = 0.9   # nanochat's smoothing of the logged train loss (debiased like Adam's moments)
+STOP_SYNC_EVERY = 10   # several processes agree on a SIGTERM every N steps (a host sync; 1 would stall each step)
 
 
 def peak_flops(device=None) -> float | None:
@@ -256,6 +257,16 @@ def run_loop(state, step_fn, batches, *, num_steps: int, tokens_per_step: int, s
                 loop.results.update({k: float(v) for k, v in scalars.items()})
             last_read[0] = None   # the evaluation's time is not a step's
 
+    def stop_now(s) -> bool:
+        """Whether to stop at boundary `s`. Several processes stop together: every STOP_SYNC_EVERY steps they
+        share their flags (a signal may reach only some of them), so none is left waiting in a collective."""
+        if jax.process_count() == 1:
+            return stop.requested
+        if s % STOP_SYNC_EVERY:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(stop.requested))))
+
     def save(s, data_state, force=False):
         if ckpt is None:
             return
@@ -275,7 +286,7 @@ def run_loop(state, step_fn, batches, *, num_steps: int, tokens_per_step: int, s
             data_state = nxt[1] if nxt is not None else batches.get_state()
             if step >= num_steps:
                 break
-            if stop.requested:
+            if stop_now(step):
                 stopped = True
                 break
             if save_every > 0 and step > start_step and step % save_every == 0:

@@ -342,3 +342,27 @@ def test_hooks_compute_val_bpb_samples_and_core(world, monkeypatch):
     core = hooks["CORE"].fn(state, 0)
     assert core == {"core/metric": 0.25, "core/hellaswag": 0.5, "core/arc_easy": 0.0}
     assert seen == {"max_per_task": args.core_metric_max_per_task, "bundle_dir": "BUNDLE"}
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_a_common_step(world, tmp_path):
+    from nanochat_jax.checkpoint import CheckpointManager
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    procs = [subprocess.Popen(cmd(world, "--num-iterations", "200", "--output-dir", str(out), "--run", "two-term",
+                                  "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                  "--process-id", str(i)),
+                              env=env(world, devices=1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    lines = []
+    for line in procs[0].stdout:
+        lines.append(line)
+        if line.startswith("step 00003/00200"):
+            procs[0].send_signal(signal.SIGTERM)       # process 1 never sees a signal
+            break
+    outs = [procs[0].communicate(timeout=240)[0], procs[1].communicate(timeout=240)[0]]
+    assert [p.returncode for p in procs] == [0, 0], "".join(lines) + outs[0][-2000:] + outs[1][-2000:]
+    step = CheckpointManager(out, max_to_keep=None, async_save=False).latest_step()
+    assert step is not None and step % 10 == 0 and 10 <= step < 200
