@@ -21,7 +21,8 @@ import dataclasses
 import math
 
 from nanochat_jax import config as cfg
-from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
+from nanochat_jax.common import (ArgumentParser, UserError, compute_dtype, enable_compilation_cache, parse_args, print0,
+                                 run_main)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,7 +61,8 @@ def build_parser():
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest N checkpoints")
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default d<depth>)")
-    p.add_argument("--output-dir", default=None, help="checkpoint directory (default <base dir>/checkpoints/base/<tag>)")
+    p.add_argument("--output-dir", default=None,
+                   help="checkpoint directory (default <base dir>/checkpoints/base/<tag>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
     p.add_argument("--resume-from-step", type=int, default=None, help="continue from this step's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete the output dir's checkpoints and start over")
@@ -222,7 +224,7 @@ def main(argv=None):
     if args.resume_from_step is not None:
         args.resume = True
 
-    # -- compute set-up (before anything touches a device) ---------------------------------------------------------
+    # -- compute set-up (before anything touches a device) ----------------------------------------------------------
     from nanochat_jax import sharding as shd
     shd.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
     import jax
@@ -240,11 +242,10 @@ def main(argv=None):
     plan = make_plan(args, config, mesh.shape["data"])
     opt_cfg = make_opt_config(args, plan)
     print0(plan.describe())
-    print0(f"{shd.describe(mesh, mode)} | {jax.process_count()} process(es) | compute "
-           f"{__import__('nanochat_jax.common', fromlist=['x']).compute_dtype()}")
+    print0(f"{shd.describe(mesh, mode)} | {jax.process_count()} process(es) | compute {compute_dtype()}")
     print0(f"optimizer: {opt_cfg}")
 
-    # -- data (a missing path fails here, before the output dir is touched) --------------------------------------------
+    # -- data (a missing path fails here, before the output dir is touched) -----------------------------------------
     from nanochat_jax.dataloader import pretrain_loader
     from nanochat_jax.dataset import ensure_pretokenized
     train_shards, val_shards = ensure_pretokenized(args.data_path, tokenizer)
@@ -255,7 +256,7 @@ def main(argv=None):
                              process_index=0, process_count=1)
     bundle = core_bundle(args) if args.core_metric_every > 0 else None
 
-    # -- output directory: refuse to clobber, resume when asked ---------------------------------------------------------
+    # -- output directory: refuse to clobber, resume when asked -----------------------------------------------------
     from pathlib import Path
     from nanochat_jax.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
     tag = args.model_tag or f"d{config.n_layer}"
@@ -264,7 +265,7 @@ def main(argv=None):
     if args.resume_from_step is not None:
         resume_step = args.resume_from_step
 
-    # -- model, optimizer, train step -----------------------------------------------------------------------------
+    # -- model, optimizer, train step -------------------------------------------------------------------------------
     from nanochat_jax import model, optim, train
     params = model.init_params(config, jax.random.PRNGKey(args.seed))
     tx = optim.build_optimizer(params, config, opt_cfg, plan.num_steps, mesh=mesh)
@@ -273,7 +274,7 @@ def main(argv=None):
     step_fn = train.make_train_step(config, tx, mesh, shardings,
                                     lr_fn=optim.lr_multiplier(opt_cfg, plan.num_steps))
 
-    # -- resume ---------------------------------------------------------------------------------------------------
+    # -- resume -----------------------------------------------------------------------------------------------------
     from nanochat_jax.train_loop_draft import LoopState, MicroBatches, run_loop
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
     batches = MicroBatches(loader, plan.accum, mesh)
@@ -288,7 +289,7 @@ def main(argv=None):
             raise UserError(f"checkpoint step {start} is past the horizon of {plan.num_steps} steps")
         print0(f"resumed from {out_dir}/{start} (data position {batches.position}, epoch {batches.epoch})")
 
-    # -- the loop -------------------------------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------------------------
     from nanochat_jax.metrics import MetricsLogger
     logger = MetricsLogger("base", args.run or tag)
     hooks = make_hooks(args, plan, tokenizer, val_shards, mesh, bundle)
@@ -307,7 +308,7 @@ def main(argv=None):
     loader.close()
     logger.close()
 
-    # -- report ---------------------------------------------------------------------------------------------------
+    # -- report -----------------------------------------------------------------------------------------------------
     from nanochat_jax import report
     s = result.summary
     section = {"parameters": cfg.num_params(config)["total"], "depth": config.n_layer, "recipe": config.recipe,
