@@ -70,11 +70,19 @@ def load_start(args):
 
 
 def source_tag(args, meta, config) -> str:
+    """This run's tag: --model-tag-out, else the source run's tag (its directory's name, e.g. d20 or d4-cpu)."""
     if getattr(args, "out_tag", None):
         return args.out_tag
     if args.model_tag:
         return args.model_tag
-    return meta.get("model_tag") or f"d{config.n_layer}"
+    from nanochat_jax.checkpoint import resolve_checkpoint
+    from nanochat_jax.common import get_base_dir
+    try:
+        path = args.checkpoint or get_base_dir() / "checkpoints" / args.source
+        _, run_dir, _ = resolve_checkpoint(path)
+        return run_dir.name
+    except UserError:
+        return meta.get("model_tag") or f"d{config.n_layer}"
 
 
 def output_dir(args, stage: str, tag: str) -> Path:

@@ -32,9 +32,10 @@ def _jsonl_tags(path):
 
 
 @pytest.mark.slow
-def test_base_mid_sft_rl_eval_chain(base_dir, hub):
+def test_base_mid_sft_rl_eval_chain(base_dir, hub, tmp_path):
     from nanochat_jax import report
     from scripts import chat_eval, chat_rl, chat_sft, mid_train
+    from scripts import eval as eval_alias
     tok = tiny_tokenizer()
     cfg = tiny_config(tok, depth=2, seq_len=128, recipe="2025")
     save_base_checkpoint(base_dir, tok, cfg, tiny_params(cfg), tag="d2")
@@ -69,6 +70,12 @@ def test_base_mid_sft_rl_eval_chain(base_dir, hub):
                               "--max-new-tokens", "16"])
     assert set(results) == {"ARC-Easy", "GSM8K", "SpellingBee"}
     assert all(v is not None and 0 <= v <= 1 for v in results.values())
+    # the docs' form: python -m scripts.eval --checkpoint DIR --tasks ... --report_path FILE
+    md = tmp_path / "eval.md"
+    eval_alias.main(["--checkpoint", str(base_dir / "checkpoints" / "sft" / "d2"), "--tasks", "arc,mmlu",
+                     "--max-problems", "4", "--report_path", str(md)])
+    text = md.read_text()
+    assert "ARC-Easy" in text and "MMLU" in text and "skipped" in text   # ARC-Challenge: no data -> skipped
 
     # -- a report section per stage, TensorBoard curves per stage ---------------------------------------------------
     sections = dict(report.read_sections())

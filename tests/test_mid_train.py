@@ -1,0 +1,60 @@
+"""Midtraining set-up: the offline mixture (skips with notes), the LR and momentum schedules, the epoch length."""
+
+import pytest
+
+from nanochat_jax import finetune as ft
+from tests.chat_fixtures import FixtureHub, tiny_config, tiny_tokenizer
+
+
+@pytest.fixture()
+def empty_hub(tmp_path, monkeypatch, base_dir):
+    h = FixtureHub(tmp_path / "hub")        # every file 404s: nothing downloadable
+    monkeypatch.setenv("NANOCHAT_HF_URL", h.url)
+    yield h
+    h.close()
+
+
+def test_offline_mixture_keeps_identity_and_spelling_and_notes_the_rest(empty_hub):
+    from scripts import mid_train
+    args = mid_train.build_parser().parse_args(["--spelling-size", "50"])
+    notes_seen = []
+    tasks, notes = ft.build_tasks(mid_train.train_specs(args), log=notes_seen.append)
+    names = [t.name for t in tasks]
+    assert names == ["identity", "identity", "SimpleSpelling", "SpellingBee"]
+    assert [len(t) for t in tasks][2:] == [50, 20]          # nanochat's 200K : 80K ratio
+    assert notes == notes_seen and len(notes) == 3
+    assert all("skipped" in n for n in notes)
+    assert [n.split("/")[0] for n in notes] == ["SmolTalk", "MMLU", "GSM8K"]
+
+
+def test_mid_lr_constant_then_linear_decay_and_momentum_warmup():
+    from nanochat_jax import optim
+    from scripts import mid_train
+    args = mid_train.build_parser().parse_args([])
+    cfg = tiny_config(tiny_tokenizer(), recipe="2025")
+    opt_cfg = ft.stage_opt_config(args, cfg)
+    lrm = optim.lr_multiplier(opt_cfg, 100)
+    assert [float(lrm(s)) for s in (0, 40, 80)] == [1.0, 1.0, 1.0]
+    assert float(lrm(90)) == pytest.approx(0.5) and float(lrm(100)) == pytest.approx(0.0)
+    mom = optim.muon_momentum(opt_cfg, 100)
+    assert float(mom(0)) == pytest.approx(0.85) and float(mom(300)) == pytest.approx(0.95)
+    assert opt_cfg.weight_decay == 0.0 and opt_cfg.lr_scale == 1.0
+
+
+def test_sft_and_rl_lr_fractions():
+    from scripts import chat_rl, chat_sft
+    cfg = tiny_config(tiny_tokenizer(), recipe="2025")
+    sft = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), cfg)
+    rl = ft.stage_opt_config(chat_rl.build_parser().parse_args([]), cfg)
+    assert (sft.lr_scale, sft.warmdown_ratio, rl.lr_scale, rl.warmdown_ratio) == (0.02, 1.0, 0.05, 1.0)
+
+
+def test_epoch_tokens_exact_for_small_sets():
+    from nanochat_jax.tasks import Identity
+    tok = tiny_tokenizer()
+    task = Identity()
+    want = sum(len(tok.render_conversation(task[i], max_tokens=65)[0]) for i in range(len(task)))
+    assert ft.epoch_tokens(task, tok, 65) == want
+    est = ft.epoch_tokens(task, tok, 65, sample=20)
+    assert abs(est - want) / want < 0.5
+    assert ft.num_steps_for_epochs(want, 1000, 1.0) == -(-want // 1000)
