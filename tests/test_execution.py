@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from nanochat_jax.execution import calculator, execute_code, network_namespace_available
+from nanochat_jax.execution import calculator, execute_code, landlock_abi, network_namespace_available
 
 
 def test_normal_code_returns_stdout():
@@ -96,12 +96,36 @@ def test_environment_holds_no_secrets_from_the_parent(monkeypatch):
     assert set(eval(r.stdout.splitlines()[0])) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE"}
 
 
-@pytest.mark.parametrize("code", ["import os\nos.remove('/etc/hostname')", "import shutil\nshutil.rmtree('/tmp')",
-                                  "import os\nos.kill(1, 9)", "import os\nos.system('true')",
-                                  "import subprocess\nsubprocess.run(['true'])", "import os\nos.fork()"])
+@pytest.mark.parametrize("code", ["import shutil\nshutil.rmtree('/tmp')", "import os\nos.kill(1, 9)",
+                                  "import os\nos.system('true')", "import subprocess\nsubprocess.run(['true'])",
+                                  "import os\nos.fork()"])
 def test_destructive_functions_are_disabled(code):
     r = execute_code(code)
     assert not r.success and "sandbox:" in r.error and "disabled" in r.error
+
+
+def test_file_changes_outside_temp_dir_are_refused(tmp_path):
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    for code in [f"import os\nos.remove({str(victim)!r})", f"import os\nos.unlink({str(victim)!r})",
+                 f"import os\nos.rename({str(victim)!r}, 'stolen.txt')", f"import os\nos.truncate({str(victim)!r}, 0)",
+                 f"import os\nos.chmod({str(victim)!r}, 0)"]:
+        r = execute_code(code)
+        assert not r.success and "sandbox:" in r.error, code
+    assert victim.read_text() == "precious"
+    r = execute_code("import os, tempfile\nopen('x', 'w').close()\nos.rename('x', 'y')\nos.remove('y')\n"
+                     "with tempfile.NamedTemporaryFile() as f:\n    f.write(b'ok')\nprint(os.listdir('.'))")
+    assert r.success, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_kernel_blocks_writes_that_bypass_the_python_guards(tmp_path):
+    if not landlock_abi():
+        pytest.skip("no Landlock in this kernel: only the Python-level guards apply")
+    target = tmp_path / "escaped.txt"
+    r = execute_code(f"import _io\n_io.FileIO({str(target)!r}, 'w')")  # the C-level class, not the guarded one
+    assert not r.success and "Permission denied" in r.error
+    assert not target.exists()
 
 
 def test_output_is_capped():
