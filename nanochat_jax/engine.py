@@ -22,7 +22,6 @@ the sandbox); its result is forced into the row as <|output_start|> result <|out
 from __future__ import annotations
 
 import collections
-import functools
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -290,14 +289,14 @@ class Engine:
     # -- public API ------------------------------------------------------------------------------------------------
 
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 0, top_p: float | None = None):
         """nanochat's `generate_batch`: `num_samples` completions of one prompt (sharing one prefill).
 
         Returns (results, masks): per sample, the prompt followed by the generated tokens (the terminal
         <|assistant_end|>/<|bos|> left out); masks: 0 for prompt and forced (tool output) tokens, 1 for sampled.
         """
         reqs = self._requests([tokens], num_samples, max_tokens, temperature, top_k, top_p, seed)
-        self._run(reqs, _pow2_at_least(min(num_samples, self.max_batch)))
+        self._run(reqs, min(self.max_batch, _pow2_at_least(num_samples)))
         results, masks = [], []
         for r in reqs:
             for c, m in zip(r.completions, r.masks):
@@ -306,7 +305,7 @@ class Engine:
         return results, masks
 
     def generate_batch(self, prompts, num_samples: int = 1, max_tokens: int | None = None, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+                       top_k: int | None = None, seed: int = 0, top_p: float | None = None):
         """Many prompts of different lengths, batched together (rows join as others finish).
 
         `prompts` a list of token lists -> per prompt, a list of `num_samples` completions (generated tokens only,
@@ -314,17 +313,17 @@ class Engine:
         behaves as nanochat's generate_batch, i.e. as `generate` -> (results, masks).
         """
         if prompts and isinstance(prompts[0], (int, np.integer)):
-            return self.generate(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+            return self.generate(prompts, num_samples, max_tokens, temperature, top_k, seed, top_p)
         reqs, per_prompt = [], []
         for i, p in enumerate(prompts):
             rs = self._requests([p], num_samples, max_tokens, temperature, top_k, top_p, seed + i)
             reqs += rs
             per_prompt.append(rs)
-        self._run(reqs, _pow2_at_least(min(len(prompts) * num_samples, self.max_batch)))
+        self._run(reqs, min(self.max_batch, _pow2_at_least(len(prompts) * num_samples)))
         return [[c for r in rs for c in r.completions] for rs in per_prompt]
 
     def stream(self, tokens: list[int], max_tokens: int | None = None, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+               top_k: int | None = None, seed: int = 0, top_p: float | None = None):
         """Yield (token_id, text_piece) for one completion as it is generated. Pieces hold back an incomplete
         UTF-8 character until it completes; the terminal token is not yielded. Closing the generator stops it."""
         req = self._requests([tokens], 1, max_tokens, temperature, top_k, top_p, seed)[0]
@@ -539,8 +538,8 @@ class BatchScheduler:
         return self.batch_size
 
     def submit(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int = 0) -> Request:
+               temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+               top_p: float | None = None) -> Request:
         if num_samples > self.batch_size:
             raise ValueError(f"num_samples {num_samples} > batch size {self.batch_size}")
         req = self.engine._requests([tokens], num_samples, max_tokens, temperature, top_k, top_p, seed)[0]
@@ -553,9 +552,9 @@ class BatchScheduler:
         return req
 
     def stream(self, tokens: list[int], max_tokens: int | None = None, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+               top_k: int | None = None, seed: int = 0, top_p: float | None = None):
         """As Engine.stream, served from the shared batch. Closing the generator cancels the request."""
-        req = self.submit(tokens, 1, max_tokens, temperature, top_k, top_p, seed)
+        req = self.submit(tokens, 1, max_tokens, temperature, top_k, seed, top_p)
         text = TextStream(self.engine.tokenizer)
         try:
             while True:
