@@ -4,7 +4,7 @@ directory, an approximate epoch length, and validation/accuracy hooks.
 
     params, config, tokenizer, meta, label = load_start(args)            # --source/--model-tag/--step/--checkpoint
     tasks, notes = build_tasks([("SmolTalk", "train", {}), ("identity", None, {}), ...])
-    opt_cfg = stage_opt_config(args, config)                              # init_lr_frac, warmdown, final frac
+    opt_cfg = stage_opt_config(args, config, "sft")                       # init_lr_frac, warmdown, final frac
 """
 
 from __future__ import annotations
@@ -28,14 +28,25 @@ def add_source_args(p, default_source: str):
                    help="start from this checkpoint/export directory instead of --source")
 
 
-def add_optim_args(p, init_lr_frac: float, warmdown_ratio: float, final_lr_frac: float = 0.0):
+# (init_lr_frac, warmdown_ratio) per stage and recipe, from nanochat: mid (2025) keeps the base LRs and decays over
+# the last 20%; SFT 2025 starts at 2% and decays linearly to 0, SFT 2026 at 80% with a 50% warmdown; RL at 5%.
+STAGE_LR = {"mid": {"2025": (1.0, 0.2), "2026": (1.0, 0.2)},
+            "sft": {"2025": (0.02, 1.0), "2026": (0.8, 0.5)},
+            "rl": {"2025": (0.05, 1.0), "2026": (0.05, 1.0)}}
+
+
+def add_optim_args(p, stage: str, final_lr_frac: float = 0.0):
     p.add_argument("--embedding-lr", type=float, default=None, help="AdamW LR of the embedding (default: recipe's)")
     p.add_argument("--unembedding-lr", type=float, default=None, help="AdamW LR of lm_head (default: recipe's)")
     p.add_argument("--matrix-lr", type=float, default=None, help="Muon LR (default: recipe's)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay (nanochat: 0 after pretraining)")
-    p.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="every LR is this fraction of the base LR")
-    p.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio,
-                   help="fraction of the steps in the final linear LR decay")
+    lr = STAGE_LR[stage]
+    p.add_argument("--init-lr-frac", type=float, default=None,
+                   help=f"every LR is this fraction of the base LR (default: {lr['2025'][0]} for recipe 2025, "
+                        f"{lr['2026'][0]} for 2026)")
+    p.add_argument("--warmdown-ratio", type=float, default=None,
+                   help=f"fraction of the steps in the final linear LR decay (default: {lr['2025'][1]} for 2025, "
+                        f"{lr['2026'][1]} for 2026)")
     p.add_argument("--final-lr-frac", type=float, default=final_lr_frac, help="LR multiplier at the end")
 
 
@@ -130,18 +141,20 @@ def epoch_tokens(conversations, tokenizer, max_tokens: int, sample: int = 2000, 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer for a stage
 
-def stage_opt_config(args, config):
+def stage_opt_config(args, config, stage: str):
     """nanochat's optimizer settings for the model's recipe, every LR times --init-lr-frac, no warmup, a linear
     decay over the last --warmdown-ratio of the steps to --final-lr-frac, and --weight-decay."""
     from nanochat_jax.optim import OptConfig
     over = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr") if getattr(args, k) is not None}
-    if not 0 < args.init_lr_frac:
-        raise UserError(f"--init-lr-frac must be > 0, got {args.init_lr_frac}")
-    if not 0 <= args.warmdown_ratio <= 1:
-        raise UserError(f"--warmdown-ratio must be in [0, 1], got {args.warmdown_ratio}")
+    frac_default, warmdown_default = STAGE_LR[stage][config.recipe]
+    frac = frac_default if args.init_lr_frac is None else args.init_lr_frac
+    warmdown = warmdown_default if args.warmdown_ratio is None else args.warmdown_ratio
+    if not 0 < frac:
+        raise UserError(f"--init-lr-frac must be > 0, got {frac}")
+    if not 0 <= warmdown <= 1:
+        raise UserError(f"--warmdown-ratio must be in [0, 1], got {warmdown}")
     return OptConfig.for_recipe(config.recipe, **over, weight_decay=args.weight_decay, warmup_steps=0,
-                                warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac,
-                                lr_scale=args.init_lr_frac)
+                                warmdown_ratio=warmdown, final_lr_frac=args.final_lr_frac, lr_scale=frac)
 
 
 def make_mesh_and_mode(args):
@@ -259,7 +272,7 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     resume_step = check_output_dir(out_dir, args.resume, args.overwrite, config)
 
     # -- optimizer and step ---------------------------------------------------------------------------------------
-    opt_cfg = stage_opt_config(args, config)
+    opt_cfg = stage_opt_config(args, config, stage)
     tx = optim.build_optimizer(params, config, opt_cfg, num_steps, mesh=mesh)
     state, shardings = train.init_train_state(params, tx, mesh, mode)
     del params

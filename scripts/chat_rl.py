@@ -43,7 +43,7 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per completion")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
-    ft.add_optim_args(p, init_lr_frac=0.05, warmdown_ratio=1.0)   # nanochat RL: LR x0.05, linear decay to 0
+    ft.add_optim_args(p, "rl")   # nanochat RL: LR x0.05, linear decay to 0
     p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (-1: never)")
     p.add_argument("--eval-examples", type=int, default=400, help="test problems in the pass@k evaluation")
     p.add_argument("--eval-samples", type=int, default=8, help="k of pass@k (samples per test problem)")
@@ -104,7 +104,7 @@ def main(argv=None):
     # -- optimizer, step, engine ----------------------------------------------------------------------------------
     from nanochat_jax import optim, rl, train
     from nanochat_jax.engine import Engine
-    opt_cfg = ft.stage_opt_config(args, config)
+    opt_cfg = ft.stage_opt_config(args, config, STAGE)
     tx = optim.build_optimizer(params, config, opt_cfg, num_steps, mesh=mesh)
     state, shardings = train.init_train_state(params, tx, mesh, mode)
     del params

@@ -40,7 +40,7 @@ def build_parser():
                    help="pack: best fit of whole conversations per row; pad: one conversation per row")
     p.add_argument("--smoltalk-size", type=int, default=10_000, help="SmolTalk conversations in the mixture")
     p.add_argument("--spelling-size", type=int, default=300, help="SpellingBee / SimpleSpelling items")
-    ft.add_optim_args(p, init_lr_frac=0.02, warmdown_ratio=1.0)   # nanochat SFT: LR x0.02, linear decay to 0
+    ft.add_optim_args(p, "sft")   # nanochat SFT: LR x0.02 decaying to 0 (2025); x0.8, 50% warmdown (2026)
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: never)")
     p.add_argument("--eval-steps", type=int, default=20, help="batches per val loss")
     p.add_argument("--eval-metrics-every", type=int, default=200, help="MMLU/ARC accuracy every N steps (-1: never)")

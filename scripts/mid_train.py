@@ -38,7 +38,7 @@ def build_parser():
     p.add_argument("--packing", choices=("pack", "pad"), default="pack", help="best-fit packing or one per row")
     p.add_argument("--spelling-size", type=int, default=200_000, help="SimpleSpelling items (SpellingBee: 80K)")
     p.add_argument("--smoltalk-size", type=int, default=None, help="cap SmolTalk conversations (default: all)")
-    ft.add_optim_args(p, init_lr_frac=1.0, warmdown_ratio=0.2)   # nanochat mid: constant, last 20% linear to 0
+    ft.add_optim_args(p, "mid")   # nanochat mid: constant, last 20% linear to 0
     p.add_argument("--eval-every", type=int, default=150, help="val loss every N steps (-1: never)")
     p.add_argument("--eval-steps", type=int, default=20, help="batches per val loss")
     p.add_argument("--eval-metrics-every", type=int, default=-1, help="MMLU/ARC accuracy every N steps (-1: never)")

@@ -64,6 +64,10 @@ def test_base_mid_sft_rl_eval_chain(base_dir, hub, tmp_path):
                         "--eval-examples", "4", "--eval-samples", "2"])
     assert out["steps"] == 2 and set(out["passk"]) == {"1", "2"}
     assert (base_dir / "checkpoints" / "rl" / "d2" / "2").is_dir()
+    out = chat_rl.main(["--num-iterations", "3", "--examples-per-step", "2", "--num-samples", "4",
+                        "--device-batch-size", "1", "--max-new-tokens", "16", "--eval-every", "-1", "--resume"])
+    assert out["steps"] == 3 and len(out["rewards"]) == 3      # resumed: two rewards from the checkpoint, one new
+    assert (base_dir / "checkpoints" / "rl" / "d2" / "3").is_dir()
 
     # -- chat_eval on the RL model ----------------------------------------------------------------------------------
     results = chat_eval.main(["--source", "rl", "-a", "arc-easy,gsm8k,spellingbee", "--max-problems", "6",

@@ -32,7 +32,7 @@ def test_mid_lr_constant_then_linear_decay_and_momentum_warmup():
     from scripts import mid_train
     args = mid_train.build_parser().parse_args([])
     cfg = tiny_config(tiny_tokenizer(), recipe="2025")
-    opt_cfg = ft.stage_opt_config(args, cfg)
+    opt_cfg = ft.stage_opt_config(args, cfg, "mid")
     lrm = optim.lr_multiplier(opt_cfg, 100)
     assert [float(lrm(s)) for s in (0, 40, 80)] == [1.0, 1.0, 1.0]
     assert float(lrm(90)) == pytest.approx(0.5) and float(lrm(100)) == pytest.approx(0.0)
@@ -44,9 +44,13 @@ def test_mid_lr_constant_then_linear_decay_and_momentum_warmup():
 def test_sft_and_rl_lr_fractions():
     from scripts import chat_rl, chat_sft
     cfg = tiny_config(tiny_tokenizer(), recipe="2025")
-    sft = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), cfg)
-    rl = ft.stage_opt_config(chat_rl.build_parser().parse_args([]), cfg)
+    sft = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), cfg, "sft")
+    rl = ft.stage_opt_config(chat_rl.build_parser().parse_args([]), cfg, "rl")
     assert (sft.lr_scale, sft.warmdown_ratio, rl.lr_scale, rl.warmdown_ratio) == (0.02, 1.0, 0.05, 1.0)
+    sft26 = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), tiny_config(recipe="2026"), "sft")
+    assert (sft26.lr_scale, sft26.warmdown_ratio) == (0.8, 0.5)
+    mine = ft.stage_opt_config(chat_sft.build_parser().parse_args(["--init-lr-frac", "0.1"]), cfg, "sft")
+    assert mine.lr_scale == 0.1
 
 
 def test_epoch_tokens_exact_for_small_sets():
