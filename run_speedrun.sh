@@ -159,6 +159,10 @@ stage() {
   rm -f "$STAMPS/$name.started"
 }
 
+# Ctrl+C / kill: a stage that saved and exited cleanly on the signal must not be stamped done; bash runs this trap
+# when the stage's process returns, before the stamp is written
+trap 'echo "# interrupted: run the same command again to resume" >&2; exit 130' INT TERM
+
 P="--config $CONFIG"
 T="--model-tag $TAG"
 DL_PID=""
