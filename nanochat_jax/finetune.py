@@ -145,7 +145,8 @@ def stage_opt_config(args, config, stage: str):
     """nanochat's optimizer settings for the model's recipe, every LR times --init-lr-frac, no warmup, a linear
     decay over the last --warmdown-ratio of the steps to --final-lr-frac, and --weight-decay."""
     from nanochat_jax.optim import OptConfig
-    over = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr")
+            if getattr(args, k) is not None}
     frac_default, warmdown_default = STAGE_LR[stage][config.recipe]
     frac = frac_default if args.init_lr_frac is None else args.init_lr_frac
     warmdown = warmdown_default if args.warmdown_ratio is None else args.warmdown_ratio
@@ -196,7 +197,6 @@ def opt_summary(opt_cfg) -> dict:
 
 def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int, T: int, steps: int):
     """fn(state, step) -> {"val/loss": Σ masked token losses / Σ tokens over `steps` batches of the val set}."""
-    import numpy as np
     from nanochat_jax import sharding as shd
     from nanochat_jax.dataloader import sft_loader
     from nanochat_jax.train import make_eval_loss

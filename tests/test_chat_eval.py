@@ -1,6 +1,5 @@
 """Chat evaluation: the categorical argmax over letter tokens, batched generation equal to one-by-one, ChatCORE."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -97,8 +97,10 @@ def test_fully_masked_micro_batch_gives_no_nan():
 
 @pytest.mark.parametrize("line,err", [
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "line 2: message 1 needs"),
-    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}', "line 2: message 1 has role"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}', "line 2: message 2 has empty"),
+    ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+     "line 2: message 1 has role"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}',
+     "line 2: message 2 has empty"),
 ])
 def test_bad_custom_data_is_refused_with_line_number_before_training(base_dir, tmp_path, capsys, line, err):
     from scripts import chat_sft
