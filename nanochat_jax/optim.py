@@ -56,6 +56,7 @@ class OptConfig:
     final_lr_frac: float = 0.05
     ns_steps: int = 5
     muon_beta2: float = 0.9           # NorMuon second-moment EMA (2026)
+    adam_eps: float = 1e-10           # nanochat's; step 1 is then sign-like (m/sqrt(v) = g/|g|)
     muon_dtype: str | None = None     # None: bf16 for 2025 (always), the compute dtype (bf16 or fp32) for 2026
     schedules: bool = True            # False: lr multiplier 1, momentum 0.95, constant wd (the fixtures' setting)
 
@@ -213,19 +214,22 @@ def _as_schedule(x):
     return x if callable(x) else (lambda step, _x=x: jnp.asarray(_x, jnp.float32))
 
 
-def _stack_sharding(mesh, axis, n):
-    if mesh is None or axis not in mesh.axis_names or mesh.shape[axis] == 1:
+def _stack_sharding(mesh, axes, n):
+    """Sharding of an (n, in, out) stack over the mesh `axes` (n padded up to a multiple of their size)."""
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh is not None and a in mesh.axis_names)
+    size = int(math.prod(mesh.shape[a] for a in axes)) if axes else 1
+    if size == 1:
         return None, n
-    size = mesh.shape[axis]
-    spec = jax.sharding.PartitionSpec(axis, None, None)
+    spec = jax.sharding.PartitionSpec(axes, None, None)
     return jax.sharding.NamedSharding(mesh, spec), -(-n // size) * size
 
 
 def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: float = 0.9, ns_steps: int = 5,
-         dtype=None, mesh=None, shard_axis: str = "data") -> optax.GradientTransformation:
+         dtype=None, mesh=None, shard_axis=("data", "model")) -> optax.GradientTransformation:
     """Muon over a pytree of 2-D matrices (JAX (in, out) layout). lr / momentum / weight_decay: floats or
     functions of the 0-based step. Matrices of the same shape are stacked and orthogonalised together; with a
-    mesh, the stack is sharded over `shard_axis` so that each device does its share."""
+    mesh, the stack is sharded over the `shard_axis` mesh axes (all devices by default), so that each device
+    orthogonalises its share of the matrices instead of repeating all of them."""
     lr_fn, mom_fn, wd_fn = _as_schedule(lr), _as_schedule(momentum), _as_schedule(weight_decay)
     if dtype is None:
         dtype = jnp.bfloat16 if recipe == "2025" else (
@@ -349,7 +353,7 @@ def build_optimizer(params, config, opt_cfg: OptConfig | None = None, num_steps:
     transforms = {}
     for name, h in groups.items():
         transforms[name] = optax.adamw(learning_rate=lambda step, _lr=h["lr"]: _lr * lrm(step), b1=h["b1"],
-                                       b2=h["b2"], eps=1e-10, weight_decay=h["wd"])
+                                       b2=h["b2"], eps=opt_cfg.adam_eps, weight_decay=h["wd"])
     mlr = opt_cfg.matrix_lr * opt_cfg.lr_scale
     dtype = jnp.dtype(opt_cfg.muon_dtype) if opt_cfg.muon_dtype else None
     transforms["muon"] = muon(lambda step: mlr * lrm(step), muon_momentum(opt_cfg, num_steps),

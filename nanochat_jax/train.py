@@ -1,0 +1,151 @@
+"""What base/mid/sft/rl training share: the train state, the jitted sharded train step (with gradient accumulation
+inside the jit), and a jitted eval loss.
+
+    state, shardings = init_train_state(params, tx, mesh, mode)            # mode: dp | fsdp | tp
+    step = make_train_step(config, tx, mesh, shardings, lr_fn=optim.lr_multiplier(opt_cfg, num_steps))
+    state, metrics = step(state, sharding.put_batch({"inputs": x, "targets": y}, mesh))   # x, y: (A, B, T) int32
+
+One loss definition (DESIGN.md §4): Σ token losses / Σ valid tokens over the WHOLE accumulated batch. The count is
+taken from the targets before the accumulation loop, so each micro-batch contributes its share of the final mean
+gradient directly, and a fully masked micro-batch contributes exactly zero (no NaN).
+float16 compute: dynamic loss scaling (x2 after `growth_interval` finite steps; on a non-finite gradient the step is
+skipped and the scale halved), as torch's GradScaler in nanochat.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from nanochat_jax import sharding as shd
+from nanochat_jax.common import UserError, compute_dtype
+
+FP16_INIT_SCALE = 2.0 ** 16   # torch GradScaler defaults: init 2^16, growth x2 every 2000 finite steps, backoff 0.5
+FP16_GROWTH_INTERVAL = 2000
+
+
+class LossScale(NamedTuple):
+    """Dynamic loss scale for float16 compute: scale (fp32 scalar), good_steps (int32 finite steps in a row)."""
+    scale: jax.Array
+    good_steps: jax.Array
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes. step: int32 scalar (0-based, = steps taken); params: fp32 pytree; opt_state: the
+    optax state; loss_scale: LossScale under float16 compute, else None."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    loss_scale: LossScale | None = None
+
+
+def _replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(state, mesh, mode: str) -> TrainState:
+    """NamedShardings for a TrainState (concrete or abstract): params and opt state by the rules table."""
+    rep = _replicated(mesh)
+    ls = None if state.loss_scale is None else LossScale(rep, rep)
+    return TrainState(rep, shd.tree_shardings(state.params, mesh, mode),
+                      shd.tree_shardings(state.opt_state, mesh, mode), ls)
+
+
+def init_train_state(params, tx: optax.GradientTransformation, mesh, mode: str = "dp", *,
+                     loss_scaling: bool | None = None, init_scale: float = FP16_INIT_SCALE
+                     ) -> tuple[TrainState, TrainState]:
+    """Place params on the mesh and build the optimizer state directly in its sharded layout.
+    loss_scaling: None = on iff the compute dtype is float16. -> (state, state shardings)."""
+    if loss_scaling is None:
+        loss_scaling = compute_dtype() == jnp.float16
+
+    def build(p):
+        ls = LossScale(jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32)) if loss_scaling else None
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), ls)
+
+    abstract = jax.eval_shape(build, params)
+    shardings = state_shardings(abstract, mesh, mode)
+    params = jax.device_put(params, shardings.params)
+    state = jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    return state, shardings
+
+
+def make_train_step(config, tx: optax.GradientTransformation, mesh, state_sharding: TrainState, *,
+                    lr_fn: Callable | None = None, loss_fn: Callable | None = None,
+                    growth_interval: int = FP16_GROWTH_INTERVAL, donate: bool = True):
+    """One jitted `(state, batch) -> (state, metrics)`. batch = {"inputs", "targets"}: int32 (A, B, T), sharded as
+    `sharding.batch_sharding(mesh)`; A micro-batches are accumulated inside the jit (lax.scan).
+    metrics (replicated fp32 scalars): loss (whole-batch mean), grad_norm (global, before the update), lr
+    (`lr_fn(step)`, e.g. optim.lr_multiplier; 0 without one), and under fp16 loss_scale and finite.
+    loss_fn(params, inputs, targets) -> (sum of token losses, count); default model.loss_and_count."""
+    if loss_fn is None:
+        from nanochat_jax import model
+        loss_fn = lambda p, x, y: model.loss_and_count(p, x, y, config)  # noqa: E731
+    param_sharding = state_sharding.params
+
+    def step_fn(state: TrainState, batch):
+        inputs, targets = batch["inputs"], batch["targets"]
+        if inputs.ndim != 3:
+            raise UserError(f"train step wants (accum, batch, seq) inputs, got shape {inputs.shape}")
+        count = jnp.sum(targets >= 0).astype(jnp.float32)
+        denom = jnp.maximum(count, 1.0)                     # a fully masked batch: loss 0, grads 0
+        scale = state.loss_scale.scale if state.loss_scale is not None else jnp.ones((), jnp.float32)
+
+        def micro_grads(params, x, y):
+            def f(p):
+                s, _ = loss_fn(p, x, y)
+                return s * (scale / denom), s
+            return jax.grad(f, has_aux=True)(params)
+
+        if inputs.shape[0] == 1:
+            grads, loss_sum = micro_grads(state.params, inputs[0], targets[0])
+        else:
+            def body(carry, xy):
+                g_acc, l_acc = carry
+                g, s = micro_grads(state.params, *xy)
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + s), None
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, param_sharding)
+            (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (inputs, targets))
+        if state.loss_scale is not None:
+            grads = jax.tree.map(lambda g: g / scale, grads)
+        grads = jax.lax.with_sharding_constraint(grads, param_sharding)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
+                   "lr": jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)}
+        loss_scale = state.loss_scale
+        if loss_scale is not None:   # skip a non-finite step, halve the scale; grow it after a run of finite steps
+            finite = jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            good = jnp.where(finite, loss_scale.good_steps + 1, 0)
+            grow = good >= growth_interval
+            new_scale = jnp.where(finite, jnp.where(grow, loss_scale.scale * 2, loss_scale.scale),
+                                  loss_scale.scale * 0.5)
+            loss_scale = LossScale(new_scale, jnp.where(grow, 0, good).astype(jnp.int32))
+            metrics["loss_scale"] = scale
+            metrics["finite"] = finite.astype(jnp.float32)
+        return TrainState(state.step + 1, params, opt_state, loss_scale), metrics
+
+    rep = _replicated(mesh)
+    bs = shd.batch_sharding(mesh, 3)
+    return jax.jit(step_fn, in_shardings=(state_sharding, {"inputs": bs, "targets": bs}),
+                   out_shardings=(state_sharding, rep), donate_argnums=(0,) if donate else ())
+
+
+def make_eval_loss(config, mesh, param_sharding, loss_fn: Callable | None = None):
+    """Jitted `(params, inputs (B, T), targets (B, T)) -> (sum of token losses, count)`, batch split over data."""
+    if loss_fn is None:
+        from nanochat_jax import model
+        loss_fn = lambda p, x, y: model.loss_and_count(p, x, y, config)  # noqa: E731
+    bs = shd.batch_sharding(mesh, 2)
+    rep = _replicated(mesh)
+    return jax.jit(lambda p, x, y: loss_fn(p, x, y), in_shardings=(param_sharding, bs, bs),
+                   out_shardings=(rep, rep))
