@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 STAGES=(report_reset download tok_train tok_eval pretokenize base_train base_loss base_eval mid_train chat_eval_mid
         chat_sft chat_eval_sft chat_rl chat_eval_rl report)
 
