@@ -20,6 +20,7 @@ Checkpoints: <base>/checkpoints/rl/<tag>; curves: <base>/tensorboard/rl/<run>; a
 
 from __future__ import annotations
 
+import math
 import time
 
 from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
@@ -117,7 +118,15 @@ def main(argv=None):
         history = m.get("history") or {}
         print0(f"resumed from {out_dir}/{start} (next problem {cursor})")
     device0 = jax.local_devices()[0]
-    engine = Engine(jax.device_put(state.params, device0), config, tokenizer,
+
+    def engine_params(p):
+        """The policy's params on this process's first device, for the engine (gathered across hosts)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            p = multihost_utils.process_allgather(p, tiled=True)
+        return jax.device_put(p, device0)
+
+    engine = Engine(engine_params(state.params), config, tokenizer,
                     max_batch=max(args.num_samples, args.eval_samples, 16))
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     top_k = args.top_k or None
@@ -144,6 +153,15 @@ def main(argv=None):
 
     # -- the loop (on policy: every rollout uses the params of the step it trains) --------------------------------
     from nanochat_jax.checkpoint import StopRequest
+    pi, pc = jax.process_index(), jax.process_count()
+
+    def local_rows(batch):
+        """Every process samples the same rollouts (same params and seeds); each feeds its own share of rows."""
+        if pc == 1:
+            return batch
+        n = batch["inputs"].shape[1] // pc
+        return {k: v[:, pi * n:(pi + 1) * n] for k, v in batch.items()}
+
     stop = StopRequest().install()
     step, stopped = start, False
     try:
@@ -165,9 +183,10 @@ def main(argv=None):
                 rolls.append(rl.rollout(engine, tokenizer, train_task, idx, args.num_samples, args.max_new_tokens,
                                         args.temperature, top_k, seed=hash((step, idx)) & 0x7FFFFFFF))
                 cursor += 1
-            batch = rl.rollout_batch(rolls, pad_id, rows_multiple=data, accum=accum, max_len=config.sequence_len)
-            state, metrics = rl_step(state, shd.put_batch(batch, mesh))
-            engine.params = jax.device_put(state.params, device0)
+            batch = rl.rollout_batch(rolls, pad_id, rows_multiple=math.lcm(data, pc), accum=accum,
+                                     max_len=config.sequence_len)
+            state, metrics = rl_step(state, shd.put_batch(local_rows(batch), mesh))
+            engine.params = engine_params(state.params)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
             dt = time.time() - t0
