@@ -134,7 +134,8 @@ def main(argv=None):
     from nanochat_jax.metrics import MetricsLogger
     from nanochat_jax import sharding as shd
     logger = MetricsLogger(STAGE, args.run or tag)
-    rewards_seen, t_train, passk = history.get("rewards", []), 0.0, history.get("passk") or {}
+    rewards_seen, passk = history.get("rewards", []), history.get("passk") or {}
+    t_train = history.get("train_seconds", 0.0)
 
     def evaluate(step):
         t0 = time.time()
@@ -148,7 +149,8 @@ def main(argv=None):
     def save(step, force=False):
         ckpt.save(step, state, {"cursor": cursor},
                   {"model_config": config.to_dict(), "stage": STAGE, "model_tag": tag, "source": label,
-                   "num_iterations": num_steps, "history": {"rewards": rewards_seen, "passk": passk},
+                   "num_iterations": num_steps,
+                   "history": {"rewards": rewards_seen, "passk": passk, "train_seconds": t_train},
                    "user_config": dict(vars(args))}, force=force)
 
     # -- the loop (on policy: every rollout uses the params of the step it trains) --------------------------------
@@ -190,7 +192,7 @@ def main(argv=None):
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
             dt = time.time() - t0
-            if step - start > 1:
+            if step - start > 1:   # each process's first step compiles: not timed
                 t_train += dt
             reward = float(np.mean([r.rewards.mean() for r in rolls]))
             seq_len = float(np.mean([len(s) - r.prompt_len for r in rolls for s in r.sequences]))
