@@ -177,7 +177,7 @@ def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh, bundle=None):
     from nanochat_jax import sharding as shd
     from nanochat_jax.evaluation import greedy_samples, make_greedy_step
     from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn
-    from nanochat_jax.train_loop_draft import Hook
+    from nanochat_jax.train import Hook
     config = plan.config
     pi, pc = jax.process_index(), jax.process_count()
     eval_steps = max(1, args.eval_tokens // (plan.rows * plan.seq_len))
@@ -275,7 +275,7 @@ def main(argv=None):
                                     lr_fn=optim.lr_multiplier(opt_cfg, plan.num_steps))
 
     # -- resume -----------------------------------------------------------------------------------------------------
-    from nanochat_jax.train_loop_draft import LoopState, MicroBatches, run_loop
+    from nanochat_jax.train import LoopState, MicroBatches, run_loop
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
     batches = MicroBatches(loader, plan.accum, mesh)
     loop_state, start = LoopState(), 0

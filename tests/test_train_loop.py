@@ -1,4 +1,4 @@
-"""The loop skeleton shared by base/mid/sft/rl (nanochat_jax/train.py, loop section): cadences, resume, logging.
+"""The loop skeleton shared by base/mid/sft/rl (the loop section of nanochat_jax/train.py): cadences, resume, logging.
 
 The loop is driven here by fakes (a counter "model", an in-memory checkpoint manager, a list-backed loader), so each
 fact is checked in milliseconds; tests/test_base_train.py runs the real thing end to end.
@@ -12,13 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-try:
-    from nanochat_jax import train as _train
-    loop_mod = _train if hasattr(_train, "run_loop") else None
-except ImportError:
-    loop_mod = None
-if loop_mod is None:
-    from nanochat_jax import train_loop_draft as loop_mod
+from nanochat_jax import train as loop_mod
 
 Hook, LoopState, MicroBatches, run_loop = loop_mod.Hook, loop_mod.LoopState, loop_mod.MicroBatches, loop_mod.run_loop
 
