@@ -235,7 +235,10 @@ def test_exact_resume_after_sigkill(world, tmp_path):
     train(world, *common, "--output-dir", str(tmp_path / "straight"), "--run", "straight")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(world, *common, "--output-dir", str(killed), "--run", "killed"), env=env(world),
+    # this run also evaluates val bpb after every step: slower steps leave time to kill it between the step-4 and
+    # step-8 checkpoints, and the evaluations must not change the training (own loader, no state touched)
+    proc = subprocess.Popen(cmd(world, *common, "--output-dir", str(killed), "--run", "killed", "--eval-every", "1",
+                                "--eval-tokens", "128"), env=env(world),
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
