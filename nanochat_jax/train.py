@@ -478,6 +478,7 @@ def run_loop(state, step_fn, batches, *, num_steps: int, tokens_per_step: int, s
     if mem is not None:
         summary["peak device memory (GiB)"] = mem / 2 ** 30
     if stopped:
-        print0(f"stopped at step {step} by {stop.signum and __import__('signal').Signals(stop.signum).name}; "
-               f"checkpoint saved")
+        import signal
+        by = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+        print0(f"stopped at step {step} by {by}" + ("; checkpoint saved" if ckpt is not None else ""))
     return LoopResult(state, step, loop, stopped, losses, summary)
