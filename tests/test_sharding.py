@@ -1,25 +1,24 @@
 """Facts about nanochat_jax/sharding.py (on 8 fake CPU devices, see conftest): meshes, the rules table, and one train
 step in dp / fsdp / data4 x model2 giving the single-device result."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
 
-from nanochat_jax import optim, sharding, train
-from nanochat_jax.common import UserError
-from nanochat_jax.config import ModelConfig
+# XLA:CPU's concurrency-optimised scheduler lets fake devices enter independent collectives (the model-axis
+# all-reduces and the data-axis permutes of the data4 x model2 step) in different orders; on a loaded 2-core
+# machine the device threads then wait on each other until the 40 s rendezvous timeout aborts the process.
+# Test collection runs before any device is created, so the flag still takes effect here (conftest owns XLA_FLAGS).
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _sync_cpu_dispatch():
-    """XLA:CPU with 8 fake devices can deadlock in a collective rendezvous when executions are dispatched
-    asynchronously on a loaded 2-core machine (seen with the data4 x model2 step: device threads stuck in
-    different collectives until the 40 s rendezvous timeout aborts the process). Synchronous dispatch avoids it."""
-    old = jax.config.values["jax_cpu_enable_async_dispatch"]
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    yield
-    jax.config.update("jax_cpu_enable_async_dispatch", old)
+from nanochat_jax import optim, sharding, train  # noqa: E402
+from nanochat_jax.common import UserError  # noqa: E402
+from nanochat_jax.config import ModelConfig  # noqa: E402
 
 
 def tiny_config(**kw):
