@@ -183,6 +183,10 @@ def render_panel(series: dict, title: str = "", xlabel: str = "step", width: int
             x, y = np.append(x[::stride], x[-1]), np.append(y[::stride], y[-1])
         draw_line(img, sx(x), sy(y), PALETTE[i % len(PALETTE)], width=2)
     lx = left + pw - 8
+    widest = max(text_size(name)[0] for name in clean)
+    th = text_size("x")[1]
+    box_top, box_bottom = top + 4, top + 12 + len(clean) * (th + 6)
+    img[box_top:box_bottom, lx - widest - 28:left + pw - 1] = WHITE   # the legend stays readable over the curves
     for i, name in enumerate(clean):
         tw, th = text_size(name)
         ly = top + 8 + i * (th + 6)

@@ -3,6 +3,10 @@
 `log("Base model training", {...})` writes `<base dir>/report/base-model-training.md`; a stage that runs again
 replaces its own section. `read_sections()` reads them back (in the order they were written) so that the speedrun's
 report can stitch `report.md` together; `reset()` starts a new report.
+
+`write_header()` records the run's start, environment and hourly cost (header.json); `generate_report()` writes
+report.md: the header, a summary table across BASE/MID/SFT/RL, wall-clock time and cost, PNG plots of the training
+curves (from the metrics.jsonl files beside the TensorBoard events), then every section. `scripts/report.py` wraps both.
 """
 
 from __future__ import annotations
