@@ -158,6 +158,9 @@ def test_dry_run_one_gpu_same_recipe_8x_accumulation(base_dir):
 
 
 def test_dry_run_cpu_runs_every_stage_offline(base_dir):
+    import shutil
+    if shutil.which("nvidia-smi"):
+        pytest.skip("an NVIDIA GPU machine picks the d24 preset")
     r = _speedrun(["--dry-run"], base_dir, timeout=120)   # no GPU here: the CPU miniature
     assert r.returncode == 0, r.stderr
     assert "preset cpu" in r.stdout and "export NANOCHAT_OFFLINE=1" in r.stdout
