@@ -162,13 +162,14 @@ def _fro(x):
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
 
 
-def _muon_2026_core(g, buf, s2, p, momentum, lr, wd, beta2, ns_steps, dtype):
+def _muon_2026_core(g, buf, s2, p, momentum, lr, wd, beta2, ns_steps, dtype, split=lambda x: x, join=lambda x: x):
     """One stacked 2026 Muon step (formula_notes 'Muon step'). g, buf, p: (n, in, out) fp32; s2 factored.
+    `split`/`join` place the orthogonalisation (the matmul-heavy part) on each device's share of the stack.
     Returns (update, new_buf, new_s2)."""
     n_in, n_out = g.shape[-2], g.shape[-1]
     buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
     g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
-    X = g.astype(dtype)
+    X = split(g).astype(dtype)
     # MuonEq: each output row (our column) rescaled to the mean row norm
     target = _fro(X) / math.sqrt(n_out)
     row_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(X.astype(jnp.float32)), axis=-2, keepdims=True)), 1e-6)
@@ -176,7 +177,7 @@ def _muon_2026_core(g, buf, s2, p, momentum, lr, wd, beta2, ns_steps, dtype):
     X = polar_express(X, ns_steps)
     u = X.astype(jnp.float32)
     # Muon+: snap |X|_F to sqrt(min(rows, cols)), the norm of an exact semi-orthogonal matrix
-    u = u * (math.sqrt(min(n_in, n_out)) / jnp.maximum(_fro(u), 1e-6))
+    u = join(u * (math.sqrt(min(n_in, n_out)) / jnp.maximum(_fro(u), 1e-6)))
     # NorMuon: factored second moment over nanochat's red_dim (cols if rows >= cols, else rows)
     red_axis = -2 if n_out >= n_in else -1
     red_size = u.shape[red_axis]
@@ -193,11 +194,11 @@ def _muon_2026_core(g, buf, s2, p, momentum, lr, wd, beta2, ns_steps, dtype):
     return update, buf, s2
 
 
-def _muon_2025_core(g, buf, momentum, lr, ns_steps, dtype):
+def _muon_2025_core(g, buf, momentum, lr, ns_steps, dtype, split=lambda x: x, join=lambda x: x):
     n_in, n_out = g.shape[-2], g.shape[-1]
     buf = buf + (1 - momentum) * (g - buf)
     g = g + momentum * (buf - g)
-    X = newton_schulz_2025(g, ns_steps, dtype).astype(jnp.float32)
+    X = join(newton_schulz_2025(split(g), ns_steps, dtype).astype(jnp.float32))
     return -lr * math.sqrt(max(1.0, n_out / n_in)) * X, buf
 
 
@@ -265,21 +266,25 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
         for shape, idx in groups.items():
             sharding, padded = _stack_sharding(mesh, shard_axis, len(idx))
 
-            def stack(leaves, _idx=idx, _padded=padded, _sharding=sharding):
+            def stack(leaves, _idx=idx, _padded=padded):
                 x = jnp.stack([leaves[i].astype(jnp.float32) for i in _idx])
-                if _padded > len(_idx):
+                if _padded > len(_idx):   # zero matrices orthogonalise to zero
                     x = jnp.concatenate([x, jnp.zeros((_padded - len(_idx),) + x.shape[1:], x.dtype)])
-                if _sharding is not None:
-                    x = jax.lax.with_sharding_constraint(x, _sharding)
                 return x
 
+            # only the orthogonalisation runs on the sharded stack: one gather of its result per shape group
+            split = join = lambda x: x  # noqa: E731
+            if sharding is not None:
+                split = lambda x, _s=sharding: jax.lax.with_sharding_constraint(x, _s)  # noqa: E731
+                whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+                join = lambda x, _s=whole: jax.lax.with_sharding_constraint(x, _s)  # noqa: E731
             g, buf = stack(g_leaves), stack(m_leaves)
             if recipe == "2025":
-                u, buf = _muon_2025_core(g, buf, mom_t, lr_t, ns_steps, dtype)
+                u, buf = _muon_2025_core(g, buf, mom_t, lr_t, ns_steps, dtype, split, join)
                 s2 = None
             else:
                 u, buf, s2 = _muon_2026_core(g, buf, stack(s_leaves), stack(p_leaves), mom_t, lr_t, wd_t, beta2,
-                                             ns_steps, dtype)
+                                             ns_steps, dtype, split, join)
             for k, i in enumerate(idx):
                 out_u[i] = u[k].astype(g_leaves[i].dtype)
                 out_m[i] = buf[k]

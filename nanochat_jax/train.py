@@ -117,7 +117,7 @@ def make_train_step(config, tx: optax.GradientTransformation, mesh, state_shardi
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                    "lr": jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)}
         loss_scale = state.loss_scale

@@ -111,11 +111,11 @@ def test_d4_overfits_one_batch():
     losses = []
     for i in range(300):
         state, m = step(state, batch)
-        if i % 10 == 9:
+        if i == 0 or i % 10 == 9:
             losses.append(float(m["loss"]))
             if losses[-1] < 0.5:
                 break
-    assert losses[0] > 3.0 and losses[-1] < 0.5, losses
+    assert losses[0] > 5.0 and losses[-1] < 0.5, losses     # from ~ln(512) = 6.2
 
 
 def test_float16_dynamic_loss_scaling(monkeypatch):
