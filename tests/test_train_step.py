@@ -154,3 +154,19 @@ def test_float16_dynamic_loss_scaling(monkeypatch):
     finally:
         monkeypatch.undo()
         common.compute_dtype.cache_clear()
+
+
+def test_eval_loss_is_sum_and_count():
+    config = tiny_config()
+    params = noisy_params(config)
+    mesh = sharding.make_mesh("data=8")
+    shardings = sharding.tree_shardings(params, mesh, "fsdp")
+    eval_loss = train.make_eval_loss(config, mesh, shardings)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, config.vocab_size, (8, config.sequence_len), dtype=np.int32)
+    y = np.where(rng.random(x.shape) < 0.2, -1, x).astype(np.int32)
+    s, n = eval_loss(jax.device_put(params, shardings), x, y)
+    from nanochat_jax import model
+    s_ref, n_ref = model.loss_and_count(params, jnp.asarray(x), jnp.asarray(y), config)
+    assert float(n) == float(n_ref) == float((y >= 0).sum())
+    assert float(s) == pytest.approx(float(s_ref), rel=1e-5)
