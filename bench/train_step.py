@@ -54,7 +54,7 @@ def matmul_rate(dtype, n: int, steps: int = 5) -> float:
     return 2 * n ** 3 / timeit(f, a, b, steps=steps)
 
 
-def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None, accum=1):
+def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None, accum=1, split_muon=True):
     """(config, state, step fn, batch, muon-only update fn + args) for a fresh d`depth` model."""
     import jax
     import numpy as np
@@ -72,7 +72,7 @@ def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None
     data = sharding.put_batch({"inputs": x[..., :-1], "targets": x[..., 1:]}, mesh)
     # Muon alone, on the block matrices, with the same shardings as inside the step
     blocks = jax.tree.map(lambda a: a.copy(), {"blocks": state.params["blocks"]})   # the step donates state
-    muon = optim.muon(0.02, recipe=config.recipe, mesh=mesh)
+    muon = optim.muon(0.02, recipe=config.recipe, mesh=mesh if split_muon else None)
     bsh = jax.tree.map(lambda a: a.sharding, blocks)
     msh = sharding.tree_shardings(jax.eval_shape(muon.init, blocks), mesh, mode)
     mstate = jax.jit(muon.init, out_shardings=msh)(blocks)
@@ -109,7 +109,11 @@ def muon_share(depth, seq, batch, steps, mesh_spec=None, accum=1, vocab=None) ->
         return m["loss"]
     t_step = timeit(run, data, steps=steps, warmup=2)
     t_muon = timeit(lambda *a: mfn(*a)[0], *margs, steps=steps, warmup=2)
-    return dict(devices=jax.device_count(), step_ms=t_step * 1e3, muon_ms=t_muon * 1e3, share=t_muon / t_step)
+    out = dict(devices=jax.device_count(), step_ms=t_step * 1e3, muon_ms=t_muon * 1e3, share=t_muon / t_step)
+    if jax.device_count() > 1:   # the same Muon with every device repeating all of it, for comparison
+        _, _, _, _, (rfn, rargs) = build(depth, seq, batch, mesh_spec, accum=accum, vocab=vocab, split_muon=False)
+        out["repeated_ms"] = timeit(lambda *a: rfn(*a)[0], *rargs, steps=steps, warmup=2) * 1e3
+    return out
 
 
 def main(argv=None):
@@ -172,7 +176,8 @@ def main(argv=None):
                 eight = json.loads(out.stdout.strip().splitlines()[-1])
                 print0(f"Muon share d{args.muon_depth}, 8 fake devices (batch {batch8}): {eight['muon_ms']:.1f} ms of "
                        f"{eight['step_ms']:.1f} ms = {eight['share']:.1%} "
-                       f"({'<=' if eight['share'] <= one['share'] else '>'} 1 device)")
+                       f"({'<=' if eight['share'] <= one['share'] else '>'} 1 device); every device repeating all "
+                       f"of Muon instead: {eight['repeated_ms']:.1f} ms")
 
 
 if __name__ == "__main__":
