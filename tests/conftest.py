@@ -8,7 +8,9 @@ import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The concurrency-optimized scheduler deadlocked XLA:CPU's collectives (data=4,model=2) under load: keep it off.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 _CACHE = Path(os.environ.get("NANOCHAT_TEST_CACHE", Path(tempfile.gettempdir()) / "nanochat_jax_test_cache"))
