@@ -141,9 +141,12 @@ def epoch_tokens(conversations, tokenizer, max_tokens: int, sample: int = 2000, 
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer for a stage
 
-def stage_opt_config(args, config, stage: str):
+def stage_opt_config(args, config, stage: str, tokens_per_step: int | None = None):
     """nanochat's optimizer settings for the model's recipe, every LR times --init-lr-frac, no warmup, a linear
-    decay over the last --warmdown-ratio of the steps to --final-lr-frac, and --weight-decay."""
+    decay over the last --warmdown-ratio of the steps to --final-lr-frac, and --weight-decay.
+
+    2026 recipe: the LRs are also scaled by the batch size, √(tokens_per_step / 524,288), exactly as base_train
+    scales them; otherwise a small-batch run (the CPU miniature) would finetune at ~10x its pretraining LR."""
     from nanochat_jax.optim import OptConfig
     over = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr")
             if getattr(args, k) is not None}
@@ -154,6 +157,9 @@ def stage_opt_config(args, config, stage: str):
         raise UserError(f"--init-lr-frac must be > 0, got {frac}")
     if not 0 <= warmdown <= 1:
         raise UserError(f"--warmdown-ratio must be in [0, 1], got {warmdown}")
+    if config.recipe == "2026" and tokens_per_step:
+        from nanochat_jax.config import batch_lr_scale
+        frac *= batch_lr_scale(tokens_per_step)
     return OptConfig.for_recipe(config.recipe, **over, weight_decay=args.weight_decay, warmup_steps=0,
                                 warmdown_ratio=warmdown, final_lr_frac=args.final_lr_frac, lr_scale=frac)
 
@@ -272,7 +278,7 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     resume_step = check_output_dir(out_dir, args.resume, args.overwrite, config)
 
     # -- optimizer and step ---------------------------------------------------------------------------------------
-    opt_cfg = stage_opt_config(args, config, stage)
+    opt_cfg = stage_opt_config(args, config, stage, tokens_per_step)
     tx = optim.build_optimizer(params, config, opt_cfg, num_steps, mesh=mesh)
     state, shardings = train.init_train_state(params, tx, mesh, mode)
     del params

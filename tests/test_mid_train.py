@@ -49,6 +49,10 @@ def test_sft_and_rl_lr_fractions():
     assert (sft.lr_scale, sft.warmdown_ratio, rl.lr_scale, rl.warmdown_ratio) == (0.02, 1.0, 0.05, 1.0)
     sft26 = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), tiny_config(recipe="2026"), "sft")
     assert (sft26.lr_scale, sft26.warmdown_ratio) == (0.8, 0.5)
+    # 2026: scaled by the batch like base_train (sqrt(B / 524,288)); 2025 trains at a fixed batch: unscaled
+    small = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), tiny_config(recipe="2026"), "sft", 8192)
+    assert small.lr_scale == pytest.approx(0.8 * (8192 / 524288) ** 0.5)
+    assert ft.stage_opt_config(chat_sft.build_parser().parse_args([]), cfg, "sft", 8192).lr_scale == 0.02
     mine = ft.stage_opt_config(chat_sft.build_parser().parse_args(["--init-lr-frac", "0.1"]), cfg, "sft")
     assert mine.lr_scale == 0.1
 
