@@ -95,9 +95,36 @@ def rms_norm(x):
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + RMS_EPS)).astype(x.dtype)
 
 
-def linear(x, w):
-    """x @ w with the fp32 master weight cast to the activation dtype."""
-    return jnp.dot(x, w.astype(x.dtype))
+def linear(x, w, out_dtype=None):
+    """x @ w with the fp32 master weight cast to the activation dtype (result in out_dtype, default x's).
+    fp32 on CPU goes through _cpu_matmul, the same products with a gradient XLA:CPU runs at full speed."""
+    w = w.astype(x.dtype)
+    if x.dtype == F32 and out_dtype in (None, F32) and jax.default_backend() == "cpu":
+        return _cpu_matmul(x, w)
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+
+@jax.custom_vjp
+def _cpu_matmul(x, w):
+    """x (..., K) @ w (K, M) in fp32. Autodiff's weight gradient contracts the token axis of both operands, which
+    XLA:CPU lowers to a slow generic dot and often a transposed copy of the (tokens, M) cotangent (for the lm_head,
+    a 256 MB transpose that took longer than the matmuls); here the small (tokens, K) activation is transposed
+    instead (the barrier keeps XLA from folding it back), so all three products are plain row-major GEMMs."""
+    return jnp.dot(x, w)
+
+
+def _cpu_matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _cpu_matmul_bwd(res, g):
+    x, w = res
+    g2 = g.reshape(-1, g.shape[-1])
+    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    return jnp.dot(g, w.T), jnp.dot(xt, g2)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 @functools.lru_cache(maxsize=16)
@@ -208,8 +235,8 @@ def smear(params, x, prev, positions):
 # ---------------------------------------------------------------------------------------------------------------
 # The GPT
 
-def _trunk(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, positions=None):
-    """Embedding -> smear -> blocks -> backout -> final norm -> fp32 softcapped logits (B, T, vocab).
+def _hidden(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, positions=None):
+    """Embedding -> smear -> blocks -> backout -> final norm: (B, T, C) in the compute dtype.
     attend(layer, q, k, v) -> y. prev/positions: the smear's previous-token embedding and each token's position."""
     dtype = compute_dtype()
     x = rms_norm(params["wte"][tokens].astype(dtype))
@@ -228,9 +255,22 @@ def _trunk(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, pos
             x_backout = x
     if x_backout is not None:  # backout: subtract a share of the mid-depth residual before the head
         x = x - params["backout_lambda"].astype(dtype) * x_backout
-    x = rms_norm(x)
-    logits = jnp.dot(x, params["lm_head"].astype(dtype), preferred_element_type=F32)[..., :config.vocab_size]
-    return SOFTCAP * jnp.tanh(logits.astype(F32) / SOFTCAP)
+    return rms_norm(x)
+
+
+def _trunk(params, tokens, config: ModelConfig, cos, sin, attend, prev=None, positions=None):
+    """_hidden -> fp32 softcapped logits (B, T, vocab_size)."""
+    x = _hidden(params, tokens, config, cos, sin, attend, prev, positions)
+    return softcap(head_logits(params, x)[..., :config.vocab_size])
+
+
+def head_logits(params, x):
+    """Final normed hidden (B, T, C) -> raw fp32 logits (B, T, padded vocab), before the softcap."""
+    return linear(x, params["lm_head"], out_dtype=F32)
+
+
+def softcap(z):
+    return SOFTCAP * jnp.tanh(z.astype(F32) / SOFTCAP)
 
 
 def forward(params, tokens, config: ModelConfig):
@@ -251,10 +291,59 @@ def token_losses(logits, targets):
     return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0), valid
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def softcap_xent(z, targets, vocab_size: int):
+    """Cross-entropy of softcap(z)[..., :vocab_size] per token (fp32, 0 where target == -1), from the raw fp32
+    logits z (..., padded V). The same numbers as token_losses(softcap(z)[..., :vocab_size], targets), with a
+    hand-written gradient: d loss/dz = (softmax - onehot) * (1 - (c/15)^2), computed in one pass over z (no
+    scatter for the picked logit, no extra (B, T, V) arrays kept for the backward pass)."""
+    return _softcap_xent_fwd(z, targets, vocab_size)[0]
+
+
+def _softcap_xent_parts(z, targets, vocab_size):
+    col = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    valid = targets >= 0
+    tgt = jnp.where(valid, targets, 0)
+    return col, valid, tgt
+
+
+def _softcap_xent_fwd(z, targets, vocab_size):
+    col, valid, tgt = _softcap_xent_parts(z, targets, vocab_size)
+    c = softcap(z)
+    # |c| <= 15, so a fixed shift of 15 stands in for the row max: exp(c - 15) in [e^-30, 1] neither overflows nor
+    # underflows, and the sum stays a normal fp32 number
+    e = jnp.exp(c - SOFTCAP)
+    if vocab_size < z.shape[-1]:
+        e = jnp.where(col < vocab_size, e, 0.0)
+    lse = SOFTCAP + jnp.log(jnp.sum(e, axis=-1))
+    picked = softcap(jnp.take_along_axis(z, tgt[..., None], axis=-1)[..., 0])
+    losses = jnp.where(valid, lse - picked, 0.0)
+    return losses, (z, targets, lse)
+
+
+def _softcap_xent_bwd(vocab_size, res, g):
+    z, targets, lse = res
+    col, valid, tgt = _softcap_xent_parts(z, targets, vocab_size)
+    g = jnp.where(valid, g, 0.0)[..., None]
+    t = jnp.tanh(z / SOFTCAP)
+    p = jnp.exp(SOFTCAP * t - lse[..., None])
+    if vocab_size < z.shape[-1]:
+        p = jnp.where(col < vocab_size, p, 0.0)
+    dz = g * (p - (col == tgt[..., None]).astype(F32)) * (1.0 - t * t)
+    return dz.astype(z.dtype), None
+
+
+softcap_xent.defvjp(_softcap_xent_fwd, _softcap_xent_bwd)
+
+
 def loss_and_count(params, inputs, targets, config: ModelConfig):
     """(sum of token losses over targets != -1, number of such targets), both fp32 scalars."""
-    losses, valid = token_losses(forward(params, inputs, config), targets)
-    return losses.sum(), valid.sum().astype(F32)
+    cos, sin = rotary_tables(config, inputs.shape[1])
+    windows = config.window_sizes
+    attend = lambda i, q, k, v: causal_attention(q, k, v, windows[i], config)
+    x = _hidden(params, inputs, config, jnp.asarray(cos), jnp.asarray(sin), attend)
+    losses = softcap_xent(head_logits(params, x), targets, config.vocab_size)
+    return losses.sum(), (targets >= 0).sum().astype(F32)
 
 
 def loss(params, inputs, targets, config: ModelConfig):
