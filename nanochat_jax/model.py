@@ -119,9 +119,12 @@ def _cpu_matmul_fwd(x, w):
 
 def _cpu_matmul_bwd(res, g):
     x, w = res
-    g2 = g.reshape(-1, g.shape[-1])
-    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    return jnp.dot(g, w.T), jnp.dot(xt, g2)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x2.size <= g2.size + w.size:   # transpose x: dW = x^T @ g
+        dw = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
+    else:                             # cheaper to transpose g and the result: dW = (g^T @ x)^T
+        dw = jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g2.T), x2)).T
+    return jnp.dot(g, w.T), dw
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
