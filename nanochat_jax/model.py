@@ -204,8 +204,30 @@ def sdpa(q, k, v, config: ModelConfig, **kwargs):
 
 def causal_attention(q, k, v, window: int, config: ModelConfig):
     """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups."""
-    local = (window, 0) if window < q.shape[1] - 1 else None
+    T = q.shape[1]
+    local = (window, 0) if window < T - 1 else None
+    if local is not None and T % window == 0 and attention_impl(q.dtype, q.shape[-1]) == "xla" \
+            and jax.default_backend() == "cpu":
+        return banded_attention(q, k, v, window, config)
     return sdpa(q, k, v, config, is_causal=True, local_window_size=local)
+
+
+def banded_attention(q, k, v, window: int, config: ModelConfig):
+    """causal_attention for a short window on XLA:CPU: queries in blocks of `window`, each block attending only to
+    the keys of its own and the previous block (2*window keys instead of T) under the same causal-window mask, so
+    the masked-out scores (exactly zero weight either way) are never computed. T must be a multiple of window."""
+    B, T, H, D = q.shape
+    KV, n = k.shape[2], T // window
+    mask = np.zeros((n, window, 2 * window), bool)        # [block, query r, key j]: key at (block-1)*w + j
+    r, j = np.arange(window)[:, None], np.arange(2 * window)[None, :]
+    mask[:] = (j <= r + window) & (j >= r)                 # key <= query and query - key <= window
+    mask[0, :, :window] = False                            # block 0 has no previous block
+    pad = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :window]), a], axis=1).reshape(B, n + 1, window, KV, D)
+    kb, vb = pad(k), pad(v)
+    pair = lambda a: jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2).reshape(B * n, 2 * window, KV, D)
+    qb = q.reshape(B * n, window, H, D)
+    m = jnp.broadcast_to(jnp.asarray(mask)[None], (B, n, window, 2 * window)).reshape(B * n, 1, window, 2 * window)
+    return sdpa(qb, pair(kb), pair(vb), config, mask=m).reshape(B, T, H, D)
 
 
 def mlp(p, x, config: ModelConfig):
