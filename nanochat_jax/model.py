@@ -212,22 +212,26 @@ def causal_attention(q, k, v, window: int, config: ModelConfig):
     return sdpa(q, k, v, config, is_causal=True, local_window_size=local)
 
 
-def banded_attention(q, k, v, window: int, config: ModelConfig):
-    """causal_attention for a short window on XLA:CPU: queries in blocks of `window`, each block attending only to
-    the keys of its own and the previous block (2*window keys instead of T) under the same causal-window mask, so
-    the masked-out scores (exactly zero weight either way) are never computed. T must be a multiple of window."""
+def banded_attention(q, k, v, window: int, config: ModelConfig, block: int | None = None):
+    """causal_attention for a short window on XLA:CPU: queries in blocks of `block` (default: window), each block
+    attending only to the keys of its own and the window/block previous blocks under the same causal-window mask,
+    so most masked-out scores (exactly zero weight either way) are never computed: at T = 4 windows, half the
+    scores, ~30% less time forward+backward (window/2 blocks measured no better). T must be a multiple of block,
+    and window of block."""
     B, T, H, D = q.shape
-    KV, n = k.shape[2], T // window
-    mask = np.zeros((n, window, 2 * window), bool)        # [block, query r, key j]: key at (block-1)*w + j
-    r, j = np.arange(window)[:, None], np.arange(2 * window)[None, :]
-    mask[:] = (j <= r + window) & (j >= r)                 # key <= query and query - key <= window
-    mask[0, :, :window] = False                            # block 0 has no previous block
-    pad = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :window]), a], axis=1).reshape(B, n + 1, window, KV, D)
-    kb, vb = pad(k), pad(v)
-    pair = lambda a: jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2).reshape(B * n, 2 * window, KV, D)
-    qb = q.reshape(B * n, window, H, D)
-    m = jnp.broadcast_to(jnp.asarray(mask)[None], (B, n, window, 2 * window)).reshape(B * n, 1, window, 2 * window)
-    return sdpa(qb, pair(kb), pair(vb), config, mask=m).reshape(B, T, H, D)
+    KV = k.shape[2]
+    block = block or window
+    n, prev = T // block, window // block
+    nk = (prev + 1) * block
+    qpos = np.arange(n)[:, None, None] * block + np.arange(block)[None, :, None]          # (n, block, 1)
+    kpos = (np.arange(n)[:, None, None] - prev) * block + np.arange(nk)[None, None, :]    # (n, 1, nk)
+    mask = (kpos >= 0) & (kpos <= qpos) & (qpos - kpos <= window)                        # (n, block, nk)
+    pad = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :prev * block]), a], axis=1).reshape(
+        B, n + prev, block, KV, D)
+    group = lambda a: jnp.concatenate([a[:, i:i + n] for i in range(prev + 1)], axis=2).reshape(B * n, nk, KV, D)
+    qb = q.reshape(B * n, block, H, D)
+    m = jnp.broadcast_to(jnp.asarray(mask)[None], (B, n, block, nk)).reshape(B * n, 1, block, nk)
+    return sdpa(qb, group(pad(k)), group(pad(v)), config, mask=m).reshape(B, T, H, D)
 
 
 def mlp(p, x, config: ModelConfig):
