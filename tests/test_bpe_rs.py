@@ -262,7 +262,7 @@ def test_gil_is_released_while_training():
     import time
 
     docs = python_docs() * 3
-    for attempt in range(3):  # the machine is shared: allow a noisy run or two
+    for attempt in range(6):  # the machine is shared: allow a noisy run or two
         done = threading.Event()
 
         def work():
@@ -278,6 +278,9 @@ def test_gil_is_released_while_training():
             max_gap, last = max(max_gap, now - last), now
         thread.join()
         duration = time.perf_counter() - start
-        if duration > 0.05 and max_gap < 0.5 * duration:
+        if duration < 0.2:  # too quick to tell a stall from scheduling noise: give it more text
+            docs = docs * 4
+            continue
+        if max_gap < 0.5 * duration:
             return
     pytest.fail(f"main thread stalled {max_gap:.3f}s of a {duration:.3f}s training run")
