@@ -29,24 +29,11 @@ from nanochat_jax.engine import Engine  # noqa: E402
 from nanochat_jax.evaluation.chat_eval import run_generative  # noqa: E402
 from nanochat_jax.tasks.gsm8k import GSM8K  # noqa: E402
 
-SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-            "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
+from bench.decode import ByteTokenizer as _ByteTokenizer  # noqa: E402
 
 
-class ByteTokenizer:
-    """Bytes 0..255 and the 9 specials after them: enough for rendering prompts and for the engine."""
-
-    def encode_special(self, name):
-        return 256 + SPECIALS.index(name)
-
-    def get_bos_token_id(self):
-        return 256
-
-    def encode(self, text, prepend=None, append=None):
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+class ByteTokenizer(_ByteTokenizer):
+    """bench/decode.py's byte tokenizer, plus the prompt rendering that chat evaluation needs."""
 
     def render_for_completion(self, conversation):
         ids = [256]
