@@ -480,6 +480,14 @@ def load_model_from_path(path, step: int | None = None, shardings=None, dtype=jn
     return params, _make_config(meta), _load_tokenizer(d, meta), meta
 
 
+def load_model_from_args(args, **kwargs):
+    """(params, config, tokenizer, meta) for the model the flags name: `--checkpoint PATH` (with `--step`), else
+    `--source` / `--model-tag` / `--step` under the base dir (DESIGN.md §4)."""
+    if getattr(args, "checkpoint", None):
+        return load_model_from_path(args.checkpoint, step=args.step, **kwargs)
+    return load_model(args.source, args.model_tag, args.step, **kwargs)
+
+
 def load_model(source: str, model_tag: str | None = None, step: int | None = None, **kwargs):
     """(params, config, tokenizer, meta) of stage `source` (base|mid|sft|rl) under the base dir.
 

@@ -70,13 +70,9 @@ def add_output_args(p):
 
 def load_start(args):
     """(params fp32, config, tokenizer, meta, label) from --checkpoint PATH or --source/--model-tag/--step."""
-    from nanochat_jax.checkpoint import load_model, load_model_from_path
-    if args.checkpoint:
-        params, config, tokenizer, meta = load_model_from_path(args.checkpoint, step=args.step)
-        label = str(args.checkpoint)
-    else:
-        params, config, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
-        label = f"{args.source}/{args.model_tag or 'newest'}"
+    from nanochat_jax.checkpoint import load_model_from_args
+    params, config, tokenizer, meta = load_model_from_args(args)
+    label = str(args.checkpoint) if args.checkpoint else f"{args.source}/{args.model_tag or 'newest'}"
     return params, config, tokenizer, meta, label
 
 

@@ -13,7 +13,7 @@ nanochat's). Results go to <base dir>/base_eval/<model>_<step>.csv (Task, Accura
 import re
 
 from nanochat_jax import report
-from nanochat_jax.checkpoint import load_model, load_model_from_path
+from nanochat_jax.checkpoint import load_model_from_args
 from nanochat_jax.common import ArgumentParser, enable_compilation_cache, get_base_dir, parse_args, print0, run_main
 from nanochat_jax.evaluation.core import evaluate_core, write_csv
 
@@ -41,11 +41,10 @@ def main(argv=None):
     enable_compilation_cache()
 
     # -- model ----------------------------------------------------------------------------------------------------
+    params, config, tokenizer, meta = load_model_from_args(args)
     if args.checkpoint:
-        params, config, tokenizer, meta = load_model_from_path(args.checkpoint, step=args.step)
         name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.checkpoint.rstrip('/').split('/')[-1])}"
     else:
-        params, config, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
         name = f"{args.source}_{args.model_tag or 'latest'}"
     step = meta.get("step", 0)
     print0(f"model: {name} step {step} ({config.n_layer} layers, width {config.n_embd}, vocab {config.vocab_size})")

@@ -9,7 +9,7 @@ pretokenized cache and its validation split is used for val bpb. Writes the "Bas
 """
 
 from nanochat_jax import report
-from nanochat_jax.checkpoint import load_model, load_model_from_path
+from nanochat_jax.checkpoint import load_model_from_args
 from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
 from nanochat_jax.dataloader import pretrain_loader
 from nanochat_jax.dataset import ensure_pretokenized
@@ -39,10 +39,7 @@ def main(argv=None):
     enable_compilation_cache()
 
     # -- model and data -------------------------------------------------------------------------------------------
-    if args.checkpoint:
-        params, config, tokenizer, meta = load_model_from_path(args.checkpoint, step=args.step)
-    else:
-        params, config, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
+    params, config, tokenizer, meta = load_model_from_args(args)
     B, T = args.device_batch_size, args.max_seq_len or config.sequence_len
     steps = args.split_tokens // (B * T)
     if steps < 1:

@@ -41,7 +41,7 @@ def main(argv=None):
     args = parse_args(build_parser(), "chat_eval", argv)
     enable_compilation_cache()
     from nanochat_jax import report
-    from nanochat_jax.checkpoint import load_model, load_model_from_path
+    from nanochat_jax.checkpoint import load_model_from_args
     from nanochat_jax.evaluation.chat_eval import chatcore, evaluate_tasks
     from nanochat_jax.tasks import EVAL_TASKS, resolve_task_names
 
@@ -49,12 +49,8 @@ def main(argv=None):
     if args.num_samples < 1 or args.batch_size < 1:
         raise UserError("--num-samples and --batch-size must be at least 1")
     t0 = time.time()
-    if args.checkpoint:
-        params, config, tokenizer, meta = load_model_from_path(args.checkpoint, step=args.step)
-        label = args.checkpoint
-    else:
-        params, config, tokenizer, meta = load_model(args.source, args.model_tag, args.step)
-        label = args.source
+    params, config, tokenizer, meta = load_model_from_args(args)
+    label = args.checkpoint or args.source
     print0(f"evaluating {label} (step {meta.get('step')}) on {', '.join(names)}")
 
     def engine_factory():

@@ -513,10 +513,8 @@ def add_model_args(parser):
 
 def load_chat_model(args):
     """(params, config, tokenizer, meta) for the model chosen by add_model_args' flags."""
-    from nanochat_jax import checkpoint
-    if args.checkpoint:
-        return checkpoint.load_model_from_path(args.checkpoint, step=args.step)
-    return checkpoint.load_model(args.source, model_tag=args.model_tag, step=args.step)
+    from nanochat_jax.checkpoint import load_model_from_args
+    return load_model_from_args(args)
 
 
 def model_label(args, meta: dict) -> str:
