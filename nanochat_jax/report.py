@@ -338,7 +338,9 @@ def summary_markdown(sections: list[tuple[str, str]], header: dict | None, end_t
     start = header.get("start_time") if header else None
     end = end_time if end_time is not None else (max(times) if times else None)
     if start is not None and end is not None:
-        wall = max(0.0, end - start)
+        # section timestamps are whole seconds (truncated): compare the start at the same resolution, or a
+        # report written within the start's second reads up to a second short
+        wall = max(0.0, end - (int(start) if end_time is None else start))
         rate = header.get("hourly_cost") or 0.0
         lines.append(f"Total wall clock time: {_fmt_duration(wall)}")
         lines.append(f"Estimated cost: ${wall / 3600 * rate:,.2f} (at ${rate:,.2f}/hour)")
