@@ -125,81 +125,147 @@ def muon_weight_decay(opt_cfg: OptConfig, num_steps: int) -> Callable:
 # Orthogonalisation (batched over a leading stack axis; X is (..., in, out) in JAX layout)
 
 def _iterate(W, coeffs):
-    """W is 'wide' (m <= n in the layout nanochat iterates on): A = W W^T, B = bA + cA^2, W = aW + BW."""
+    """W is 'wide' (m <= n in the layout nanochat iterates on): A = W W^T, W = (aI + bA + cA^2) W. nanochat writes
+    the last step as aW + (bA + cA^2) W; folding a into the small m x m matrix is the same polynomial without a
+    pass over the large W (and XLA:CPU runs the folded form at full speed on one matrix per device)."""
+    eye = jnp.eye(W.shape[-2], dtype=W.dtype)
     for a, b, c in coeffs:
         A = W @ jnp.swapaxes(W, -1, -2)
-        B = b * A + c * (A @ A)
-        W = a * W + B @ W
+        W = (a * eye + b * A + c * (A @ A)) @ W
     return W
 
 
-def _to_torch_iter_layout(Y):
-    """Our (in, out) matrix as the matrix nanochat iterates on. nanochat holds X = Y^T (out, in); the 2025 code
-    transposes it when rows > cols, the 2026 code picks X^T X for tall X: both iterate on Y itself when out > in,
-    else on Y^T."""
-    n_in, n_out = Y.shape[-2], Y.shape[-1]
-    return (Y, False) if n_out > n_in else (jnp.swapaxes(Y, -1, -2), True)
+def _iterates_transposed(shape) -> bool:
+    """Whether nanochat iterates on the transpose of our (in, out) matrix. nanochat holds X = Y^T (out, in); the
+    2025 code transposes it when rows > cols, the 2026 code picks X^T X for tall X: both iterate on Y itself when
+    out > in, else on Y^T. Either way the iterated matrix is wide: (min, max)."""
+    return shape[-1] <= shape[-2]
+
+
+def _wide(Y):
+    return jnp.swapaxes(Y, -1, -2) if _iterates_transposed(Y.shape) else Y
+
+
+def _ns_2025_wide(W, steps: int = 5):
+    """nanochat 2025 zeropower_via_newtonschulz5 on a wide W (already in its dtype): quintic NS on W/(|W|_F + 1e-7)."""
+    W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) + 1e-7)
+    return _iterate(W, (NS_COEFFS_2025,) * steps)
+
+
+def _polar_express_wide(W, steps: int = 5):
+    """nanochat 2026 on a wide W: W/(1.01|W|_F + 1e-6), then Polar Express iterations, in W's dtype."""
+    W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) * 1.01 + 1e-6)
+    return _iterate(W, POLAR_EXPRESS_COEFFS[:steps])
 
 
 def newton_schulz_2025(G, steps: int = 5, dtype=jnp.bfloat16):
     """nanochat 2025 zeropower_via_newtonschulz5: quintic NS in `dtype` on X/(|X|_F + 1e-7)."""
-    X = G.astype(dtype)
-    W, transposed = _to_torch_iter_layout(X)
-    W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) + 1e-7)
-    W = _iterate(W, (NS_COEFFS_2025,) * steps)
-    return jnp.swapaxes(W, -1, -2) if transposed else W
+    t = _iterates_transposed(G.shape)
+    W = _ns_2025_wide(_wide(G.astype(dtype)), steps)
+    return jnp.swapaxes(W, -1, -2) if t else W
 
 
 def polar_express(X, steps: int = 5):
     """nanochat 2026: X/(1.01|X|_F + 1e-6), then Polar Express iterations, in X's dtype."""
-    W, transposed = _to_torch_iter_layout(X)
-    W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) * 1.01 + 1e-6)
-    W = _iterate(W, POLAR_EXPRESS_COEFFS[:steps])
-    return jnp.swapaxes(W, -1, -2) if transposed else W
+    W = _polar_express_wide(_wide(X), steps)
+    return jnp.swapaxes(W, -1, -2) if _iterates_transposed(X.shape) else W
 
 
 def _fro(x):
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
 
 
-def _muon_2026_core(g, buf, s2, p, momentum, lr, wd, beta2, ns_steps, dtype, split=lambda x: x, join=lambda x: x):
-    """One stacked 2026 Muon step (formula_notes 'Muon step'). g, buf, p: (n, in, out) fp32; s2 factored.
-    `split`/`join` place the orthogonalisation (the matmul-heavy part) on each device's share of the stack.
-    Returns (update, new_buf, new_s2)."""
-    n_in, n_out = g.shape[-2], g.shape[-1]
-    buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
-    g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
-    X = split(g).astype(dtype)
-    # MuonEq: each output row (our column) rescaled to the mean row norm
-    target = _fro(X) / math.sqrt(n_out)
-    row_norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(X.astype(jnp.float32)), axis=-2, keepdims=True)), 1e-6)
-    X = X * (target / row_norm).astype(dtype)
-    X = polar_express(X, ns_steps)
-    u = X.astype(jnp.float32)
-    # Muon+: snap |X|_F to sqrt(min(rows, cols)), the norm of an exact semi-orthogonal matrix
-    u = join(u * (math.sqrt(min(n_in, n_out)) / jnp.maximum(_fro(u), 1e-6)))
-    # NorMuon: factored second moment over nanochat's red_dim (cols if rows >= cols, else rows)
-    red_axis = -2 if n_out >= n_in else -1
-    red_size = u.shape[red_axis]
+MIN_SPLIT_WORK = 64 ** 3   # m*m*n of one matrix below which splitting costs more in collectives than it saves
+
+
+def _per_slot(flips, if_flipped, if_not):
+    """A value that depends on whether each stacked matrix is a transposed one: static when all agree, else a
+    (k, 1, 1) select (the padding slots take the first matrix's side; they are zeros and dropped)."""
+    if all(flips):
+        return if_flipped()
+    if not any(flips):
+        return if_not()
+    mask = jnp.asarray(flips, bool)[:, None, None]
+    return jnp.where(mask, if_flipped(), if_not())
+
+
+def _muoneq_2026(X, flips):
+    """MuonEq on a wide stack: each output row of nanochat's X (our column) rescaled to the mean row norm. Our
+    output dim is the wide layout's last axis for an untransposed matrix, its first for a transposed one."""
+    sq = jnp.square(X.astype(jnp.float32))
+    fro = jnp.sqrt(jnp.sum(sq, axis=(-2, -1), keepdims=True))
+    m, n = X.shape[-2:]
+
+    def scale(axis, n_out):
+        return (fro / math.sqrt(n_out)) / jnp.maximum(jnp.sqrt(jnp.sum(sq, axis=axis, keepdims=True)), 1e-6)
+    return X * _per_slot(flips, lambda: scale(-1, m), lambda: scale(-2, n)).astype(X.dtype)
+
+
+def _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2):
+    """NorMuon and cautious weight decay on a wide (k, m, n) stack (formula_notes 'Muon step'). nanochat reduces
+    over its red_dim: in the wide layout that is always the short dim m, the first axis for a non-square matrix,
+    the last for a square one (nanochat's cols = our rows). Returns (update, new_s2)."""
+    m, n = u.shape[-2:]
+    red_axis = -1 if m == n else -2
     v_mean = jnp.mean(jnp.square(u), axis=red_axis, keepdims=True)
-    v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * red_size)
+    v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * m)
     s2 = s2 + (1 - beta2) * (v_mean - s2)
     step = jax.lax.rsqrt(jnp.maximum(s2, 1e-10))
-    v_norm_new = jnp.sqrt(jnp.sum(v_mean * red_size * jnp.square(step), axis=(-2, -1), keepdims=True))
+    v_norm_new = jnp.sqrt(jnp.sum(v_mean * m * jnp.square(step), axis=(-2, -1), keepdims=True))
     u = u * (step * (v_norm / jnp.maximum(v_norm_new, 1e-10)))
     # cautious weight decay: decay only where the update and the weight agree in sign
-    lr_eff = lr * math.sqrt(max(1.0, n_out / n_in))
     mask = (u * p) >= 0
-    update = -(lr_eff * u + lr_eff * wd * p * mask)
-    return update, buf, s2
+    return -(lr_eff * u + lr_eff * wd * p * mask), s2
 
 
-def _muon_2025_core(g, buf, momentum, lr, ns_steps, dtype, split=lambda x: x, join=lambda x: x):
-    n_in, n_out = g.shape[-2], g.shape[-1]
-    buf = buf + (1 - momentum) * (g - buf)
-    g = g + momentum * (buf - g)
-    X = join(newton_schulz_2025(split(g), ns_steps, dtype).astype(jnp.float32))
-    return -lr * math.sqrt(max(1.0, n_out / n_in)) * X, buf
+def _muon_bucket(g, p, s2, flips, *, recipe, lr, wd, beta2, ns_steps, dtype):
+    """The matrix part of one Muon step on a stack of wide (k, m, n) matrices: `g` the Nesterov-mixed gradients,
+    `p` the weights and `s2` the NorMuon moments (2026), fp32; the iteration runs in `dtype`. `flips` says which
+    are our (in, out) matrices transposed. Returns (update, new_s2)."""
+    m, n = g.shape[-2:]
+    # sqrt(max(1, out/in)): out > in only for an untransposed non-square matrix
+    lr_eff = lr * _per_slot(flips, lambda: jnp.ones(()), lambda: jnp.full((), math.sqrt(n / m)))
+    if recipe == "2025":
+        return -lr_eff * _ns_2025_wide(g.astype(dtype), ns_steps).astype(jnp.float32), None
+    u = _polar_express_wide(_muoneq_2026(g.astype(dtype), flips), ns_steps).astype(jnp.float32)
+    u = u * (math.sqrt(m) / jnp.maximum(_fro(u), 1e-6))       # Muon+: |X|_F = sqrt(min(rows, cols))
+    return _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2)
+
+
+def _stack_wide(leaves, idx, flip, pad_to, like=None):
+    """(pad_to, ...) fp32 stack of leaves[idx], each transposed where its matrix is (`flip[i]`), zeros after them
+    (all zeros when `idx` is empty: then shaped like leaves[like]); None for no leaves."""
+    if leaves is None:
+        return None
+
+    def wide(i):
+        x = leaves[i].astype(jnp.float32)
+        return jnp.swapaxes(x, -1, -2) if flip[i] else x
+    shape = wide(idx[0] if idx else like).shape
+    return jnp.stack([wide(i) for i in idx] + [jnp.zeros(shape, jnp.float32)] * (pad_to - len(idx)))
+
+
+def _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, s_leaves, scalars, fn):
+    """`fn(g, p, s2, flips, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share of
+    them (it stacks only its own share: a switch on the device index picks the share's branch), then one gather per
+    output. The inputs are whole on every device (data parallel). Returns the padded outputs, whole everywhere."""
+    from jax.sharding import PartitionSpec as P
+    size = int(math.prod(mesh.shape[a] for a in axes))
+    per = -(-len(idx) // size)
+    shares = [idx[d * per:(d + 1) * per] for d in range(size)]
+
+    def local(gs, ps, ss, scal):
+        def branch(share):   # padding slots (zeros) take the last real matrix's side; they update by zero
+            fl = [flip[i] for i in share] or [flip[idx[-1]]]
+            return fn(*[_stack_wide(x, share, flip, per, like=idx[-1]) for x in (gs, ps, ss)],
+                      fl + fl[-1:] * (per - len(fl)), *scal)
+        d = jax.lax.axis_index(axes)
+        outs = jax.lax.switch(d, [lambda s=s: branch(s) for s in shares])
+        return tuple(o if o is None else jax.lax.all_gather(o, axes, tiled=True) for o in outs)
+
+    rep = P()
+    return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, rep), out_specs=rep, check_vma=False)(
+        g_leaves, p_leaves, s_leaves, scalars)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,22 +281,16 @@ def _as_schedule(x):
     return x if callable(x) else (lambda step, _x=x: jnp.asarray(_x, jnp.float32))
 
 
-def _stack_sharding(mesh, axes, n):
-    """Sharding of an (n, in, out) stack over the mesh `axes` (n padded up to a multiple of their size)."""
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh is not None and a in mesh.axis_names)
-    size = int(math.prod(mesh.shape[a] for a in axes)) if axes else 1
-    if size == 1:
-        return None, n
-    spec = jax.sharding.PartitionSpec(axes, None, None)
-    return jax.sharding.NamedSharding(mesh, spec), -(-n // size) * size
-
-
 def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: float = 0.9, ns_steps: int = 5,
          dtype=None, mesh=None, shard_axis=("data", "model")) -> optax.GradientTransformation:
     """Muon over a pytree of 2-D matrices (JAX (in, out) layout). lr / momentum / weight_decay: floats or
-    functions of the 0-based step. Matrices of the same shape are stacked and orthogonalised together; with a
-    mesh, the stack is sharded over the `shard_axis` mesh axes (all devices by default), so that each device
-    orthogonalises its share of the matrices instead of repeating all of them."""
+    functions of the 0-based step.
+
+    Every matrix is handled in the layout nanochat iterates on (wide: (min, max)), and matrices of the same wide
+    shape are stacked: an MLP's c_fc (d, 4d) and c_proj (4d, d) land in one (2L, d, 4d) stack. With a mesh, each
+    stack is sharded over the `shard_axis` mesh axes (all devices by default; padded with zero matrices, which
+    update by zero) for the whole step, momentum to weight decay, so that each device does its share of the matrices
+    instead of repeating all of them, and one gather per stack brings the updates back (like nanochat's DistMuon)."""
     lr_fn, mom_fn, wd_fn = _as_schedule(lr), _as_schedule(momentum), _as_schedule(weight_decay)
     if dtype is None:
         dtype = jnp.bfloat16 if recipe == "2025" else (
@@ -254,44 +314,42 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
             raise ValueError("Muon (2026) needs params for cautious weight decay")
         g_leaves, treedef = jax.tree.flatten(updates)
         m_leaves = treedef.flatten_up_to(state.momentum)
-        p_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(g_leaves)
-        s_leaves = treedef.flatten_up_to(state.second_moment) if recipe == "2026" else [None] * len(g_leaves)
+        p_leaves = treedef.flatten_up_to(params) if recipe == "2026" else None
+        s_leaves = treedef.flatten_up_to(state.second_moment) if recipe == "2026" else None
         step = state.count
-        lr_t, mom_t, wd_t = lr_fn(step), mom_fn(step), wd_fn(step)
+        # momentum, per matrix (elementwise, where the state lives)
+        mom_t = mom_fn(step)
+        new_m, g_nest = [], []
+        for g, buf in zip(g_leaves, m_leaves):
+            g = g.astype(jnp.float32)
+            buf = buf + (1 - mom_t) * (g - buf)                         # lerp(buf, g, 1 - mom)
+            new_m.append(buf)
+            g_nest.append(g + mom_t * (buf - g))                        # Nesterov: lerp(g, buf, mom)
+        scalars = (lr_fn(step), wd_fn(step))
 
-        out_u, out_m, out_s = [None] * len(g_leaves), [None] * len(g_leaves), [None] * len(g_leaves)
-        groups: dict[tuple, list[int]] = {}
+        def fn(g, p, s2, flips, lr, wd):
+            return _muon_bucket(g, p, s2, flips, recipe=recipe, lr=lr, wd=wd, beta2=beta2, ns_steps=ns_steps,
+                                dtype=dtype)
+
+        flip = [_iterates_transposed(g.shape) for g in g_leaves]   # iterate on our matrix's transpose?
+        buckets: dict[tuple, list[int]] = {}
         for i, g in enumerate(g_leaves):
-            groups.setdefault(tuple(g.shape), []).append(i)
-        for shape, idx in groups.items():
-            sharding, padded = _stack_sharding(mesh, shard_axis, len(idx))
-
-            def stack(leaves, _idx=idx, _padded=padded):
-                x = jnp.stack([leaves[i].astype(jnp.float32) for i in _idx])
-                if _padded > len(_idx):   # zero matrices orthogonalise to zero
-                    x = jnp.concatenate([x, jnp.zeros((_padded - len(_idx),) + x.shape[1:], x.dtype)])
-                return x
-
-            # only the orthogonalisation runs on the sharded stack: one gather of its result per shape group
-            split = join = lambda x: x  # noqa: E731
-            if sharding is not None:
-                split = lambda x, _s=sharding: jax.lax.with_sharding_constraint(x, _s)  # noqa: E731
-                whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-                join = lambda x, _s=whole: jax.lax.with_sharding_constraint(x, _s)  # noqa: E731
-            g, buf = stack(g_leaves), stack(m_leaves)
-            if recipe == "2025":
-                u, buf = _muon_2025_core(g, buf, mom_t, lr_t, ns_steps, dtype, split, join)
-                s2 = None
+            buckets.setdefault(tuple(sorted(g.shape)), []).append(i)
+        out_u, out_s = [None] * len(g_leaves), [None] * len(g_leaves)
+        axes = tuple(a for a in shard_axis if mesh is not None and a in mesh.axis_names and mesh.shape[a] > 1)
+        for (m, n), idx in buckets.items():
+            if axes and m * m * n >= MIN_SPLIT_WORK:
+                u, s2 = _split_over_devices(mesh, axes, idx, flip, g_nest, p_leaves, s_leaves, scalars, fn)
             else:
-                u, buf, s2 = _muon_2026_core(g, buf, stack(s_leaves), stack(p_leaves), mom_t, lr_t, wd_t, beta2,
-                                             ns_steps, dtype, split, join)
+                u, s2 = fn(*[_stack_wide(x, idx, flip, len(idx)) for x in (g_nest, p_leaves, s_leaves)],
+                           [flip[i] for i in idx], *scalars)
             for k, i in enumerate(idx):
-                out_u[i] = u[k].astype(g_leaves[i].dtype)
-                out_m[i] = buf[k]
+                back = (lambda x: jnp.swapaxes(x, -1, -2)) if flip[i] else (lambda x: x)
+                out_u[i] = back(u[k]).astype(g_leaves[i].dtype)
                 if s2 is not None:
-                    out_s[i] = s2[k]
+                    out_s[i] = back(s2[k])
         new_state = MuonState(
-            step + 1, treedef.unflatten(out_m), treedef.unflatten(out_s) if recipe == "2026" else None)
+            step + 1, treedef.unflatten(new_m), treedef.unflatten(out_s) if recipe == "2026" else None)
         return treedef.unflatten(out_u), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
