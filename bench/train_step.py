@@ -75,6 +75,8 @@ def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None
     muon = optim.muon(0.02, recipe=config.recipe, mesh=mesh if split_muon else None)
     bsh = jax.tree.map(lambda a: a.sharding, blocks)
     msh = sharding.tree_shardings(jax.eval_shape(muon.init, blocks), mesh, mode)
+    if not split_muon:   # every device repeating all of it: its state whole on every device too
+        msh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), msh)
     mstate = jax.jit(muon.init, out_shardings=msh)(blocks)
     mfn = jax.jit(muon.update, in_shardings=(bsh, msh, bsh), out_shardings=(bsh, msh))
     return config, state, step, data, (mfn, (blocks, mstate, blocks))

@@ -218,63 +218,104 @@ def _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2):
     return -(lr_eff * u + lr_eff * wd * p * mask), s2
 
 
-def _muon_bucket(g, p, s2, flips, *, recipe, lr, wd, beta2, ns_steps, dtype):
-    """The matrix part of one Muon step on a stack of wide (k, m, n) matrices: `g` the Nesterov-mixed gradients,
-    `p` the weights and `s2` the NorMuon moments (2026), fp32; the iteration runs in `dtype`. `flips` says which
-    are our (in, out) matrices transposed. Returns (update, new_s2)."""
+def _muon_bucket(g, buf, p, s2, flips, *, recipe, momentum, lr, wd, beta2, ns_steps, dtype):
+    """One Muon step on a stack of wide (k, m, n) matrices: `g` the gradients, `buf` the momentum, `p` the weights
+    and `s2` the NorMuon moments (2026), fp32; the iteration runs in `dtype`. `flips` says which are our (in, out)
+    matrices transposed. Returns (update, new_buf, new_s2)."""
     m, n = g.shape[-2:]
+    buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
+    g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
     # sqrt(max(1, out/in)): out > in only for an untransposed non-square matrix
     lr_eff = lr * _per_slot(flips, lambda: jnp.ones(()), lambda: jnp.full((), math.sqrt(n / m)))
     if recipe == "2025":
-        return -lr_eff * _ns_2025_wide(g.astype(dtype), ns_steps).astype(jnp.float32), None
+        return -lr_eff * _ns_2025_wide(g.astype(dtype), ns_steps).astype(jnp.float32), buf, None
     u = _polar_express_wide(_muoneq_2026(g.astype(dtype), flips), ns_steps).astype(jnp.float32)
     u = u * (math.sqrt(m) / jnp.maximum(_fro(u), 1e-6))       # Muon+: |X|_F = sqrt(min(rows, cols))
-    return _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2)
+    update, s2 = _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2)
+    return update, buf, s2
 
 
-def _stack_wide(leaves, idx, flip, pad_to, like=None):
-    """(pad_to, ...) fp32 stack of leaves[idx], each transposed where its matrix is (`flip[i]`), zeros after them
-    (all zeros when `idx` is empty: then shaped like leaves[like]); None for no leaves."""
-    if leaves is None:
-        return None
-
-    def wide(i):
-        x = leaves[i].astype(jnp.float32)
-        return jnp.swapaxes(x, -1, -2) if flip[i] else x
-    shape = wide(idx[0] if idx else like).shape
-    return jnp.stack([wide(i) for i in idx] + [jnp.zeros(shape, jnp.float32)] * (pad_to - len(idx)))
+def _stack_wide(leaves, idx, flip, pad_to):
+    """(pad_to, m, n) fp32 stack of leaves[idx] (not empty) in the wide layout (each transposed where `flip[i]`),
+    zero matrices after them."""
+    parts = [leaves[i].astype(jnp.float32) for i in idx]
+    parts = [jnp.swapaxes(x, -1, -2) if flip[i] else x for x, i in zip(parts, idx)]
+    return jnp.stack(parts + [jnp.zeros_like(parts[0])] * (pad_to - len(idx)))
 
 
-def _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, s_leaves, scalars, fn):
-    """`fn(g, p, s2, flips, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share of
-    them (it stacks only its own share: a switch on the device index picks the share's branch), then one gather per
-    output. The inputs are whole on every device (data parallel). Returns the padded outputs, whole everywhere."""
+def _pad_rows(x, start, stop, per):
+    """Rows start:stop of the stack x, zero rows after them up to `per`."""
+    x = x[start:min(stop, x.shape[0])]
+    return x if x.shape[0] == per else jnp.concatenate([x, jnp.zeros((per - x.shape[0],) + x.shape[1:], x.dtype)])
+
+
+def _bucket_key(shape) -> str:
+    m, n = sorted(shape)
+    return f"muon_{m}x{n}"
+
+
+def _buckets(shapes) -> dict[str, list[int]]:
+    """Leaf indices grouped by the shape nanochat iterates on (wide: (min, max)), in leaf order."""
+    out: dict[str, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        out.setdefault(_bucket_key(shape), []).append(i)
+    return out
+
+
+def _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, buf, s2, scalars, fn):
+    """`fn(g, buf, p, s2, flips, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share
+    of them. Gradients and weights are whole on every device (data parallel): a switch on the device index stacks
+    only the device's own share. The momentum and NorMuon stacks (state) are sharded over `axes` when the devices
+    divide the bucket, so each device keeps only its share's (like nanochat's DistMuon), else whole.
+    Returns (update stack gathered whole on every device, new momentum stack, new s2 stack), unpadded."""
     from jax.sharding import PartitionSpec as P
     size = int(math.prod(mesh.shape[a] for a in axes))
-    per = -(-len(idx) // size)
-    shares = [idx[d * per:(d + 1) * per] for d in range(size)]
+    count = len(idx)
+    per = -(-count // size)
+    sharded = count % size == 0
+    state_spec = P(axes) if sharded else P()
 
-    def local(gs, ps, ss, scal):
-        def branch(share):   # padding slots (zeros) take the last real matrix's side; they update by zero
-            fl = [flip[i] for i in share] or [flip[idx[-1]]]
-            return fn(*[_stack_wide(x, share, flip, per, like=idx[-1]) for x in (gs, ps, ss)],
-                      fl + fl[-1:] * (per - len(fl)), *scal)
+    def local(gs, ps, b, v, scal):
         d = jax.lax.axis_index(axes)
-        outs = jax.lax.switch(d, [lambda s=s: branch(s) for s in shares])
-        return tuple(o if o is None else jax.lax.all_gather(o, axes, tiled=True) for o in outs)
 
-    rep = P()
-    return jax.shard_map(local, mesh=mesh, in_specs=(rep, rep, rep, rep), out_specs=rep, check_vma=False)(
-        g_leaves, p_leaves, s_leaves, scalars)
+        def branch(k):   # device k's share: matrices idx[k*per : (k+1)*per], zero matrices to fill it
+            share = idx[k * per:(k + 1) * per]
+            fl = [flip[i] for i in share]
+            fl = fl + [fl[-1] if fl else flip[idx[-1]]] * (per - len(fl))   # padding: zeros, any side
+
+            def own(stack):   # this device's rows of a state stack
+                if stack is None or sharded:
+                    return stack
+                return _pad_rows(stack, k * per, (k + 1) * per, per)
+            if share:
+                g_k = _stack_wide(gs, share, flip, per)
+                p_k = None if ps is None else _stack_wide(ps, share, flip, per)
+            else:
+                g_k = jnp.zeros((per,) + b.shape[1:], jnp.float32)
+                p_k = None if ps is None else g_k
+            return fn(g_k, own(b), p_k, own(v), fl, *scal)
+        u, b, v = jax.lax.switch(d, [lambda k=k: branch(k) for k in range(size)])
+        u = jax.lax.all_gather(u, axes, tiled=True)
+        if not sharded:
+            b = jax.lax.all_gather(b, axes, tiled=True)
+            v = None if v is None else jax.lax.all_gather(v, axes, tiled=True)
+        return u, b, v
+
+    u, b, v = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), state_spec, state_spec, P()),
+                            out_specs=(P(), state_spec, state_spec), check_vma=False)(
+        g_leaves, p_leaves, buf, s2, scalars)
+    return u[:count], b[:count], (None if v is None else v[:count])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Muon as an optax GradientTransformation
 
 class MuonState(NamedTuple):
+    """Muon's state, per bucket of matrices with the same wide shape (`_buckets`), in the wide layout: key
+    'muon_{m}x{n}' -> stack in leaf order. Stacked state shards over the devices' shares of each bucket."""
     count: jax.Array            # int32 step counter (0-based step of the next update)
-    momentum: Any               # params-shaped momentum buffers
-    second_moment: Any          # NorMuon factored second moment per matrix: (1, out) or (in, 1); None in 2025
+    momentum: Any               # {key: (k, m, n)} momentum buffers
+    second_moment: Any          # {key: (k, 1, n), or (k, m, 1) for square m}: NorMuon's factored moments; None in 2025
 
 
 def _as_schedule(x):
@@ -287,69 +328,61 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
     functions of the 0-based step.
 
     Every matrix is handled in the layout nanochat iterates on (wide: (min, max)), and matrices of the same wide
-    shape are stacked: an MLP's c_fc (d, 4d) and c_proj (4d, d) land in one (2L, d, 4d) stack. With a mesh, each
-    stack is sharded over the `shard_axis` mesh axes (all devices by default; padded with zero matrices, which
-    update by zero) for the whole step, momentum to weight decay, so that each device does its share of the matrices
-    instead of repeating all of them, and one gather per stack brings the updates back (like nanochat's DistMuon)."""
+    shape are stacked: an MLP's c_fc (d, 4d) and c_proj (4d, d) land in one (2L, d, 4d) stack; the state is kept
+    in these stacks. With a mesh, each stack is split over the `shard_axis` mesh axes (all devices by default) for
+    the whole step, momentum to weight decay: each device does its share of the matrices instead of repeating all of
+    them and keeps only its share of the state, and one gather per stack brings the updates back (like nanochat's
+    DistMuon)."""
     lr_fn, mom_fn, wd_fn = _as_schedule(lr), _as_schedule(momentum), _as_schedule(weight_decay)
     if dtype is None:
         dtype = jnp.bfloat16 if recipe == "2025" else (
             jnp.bfloat16 if compute_dtype() == jnp.bfloat16 else jnp.float32)  # fp16 is unstable here: fp32
+    axes = tuple(a for a in ((shard_axis,) if isinstance(shard_axis, str) else shard_axis)
+                 if mesh is not None and a in mesh.axis_names)
+    n_split = int(math.prod(mesh.shape[a] for a in axes)) if axes else 1
 
     def init_fn(params):
-        for p in jax.tree.leaves(params):
+        leaves = jax.tree.leaves(params)
+        for p in leaves:
             if p.ndim != 2:
                 raise ValueError(f"Muon only takes matrices, got shape {p.shape}")
-        mom = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        if recipe == "2025":
-            return MuonState(jnp.zeros((), jnp.int32), mom, None)
-
-        def factored(p):
-            n_in, n_out = p.shape
-            return jnp.zeros((1, n_out) if n_out >= n_in else (n_in, 1), jnp.float32)
-        return MuonState(jnp.zeros((), jnp.int32), mom, jax.tree.map(factored, params))
+        buckets = _buckets([p.shape for p in leaves])
+        mom, s2 = {}, {}
+        for key, idx in buckets.items():
+            m, n = sorted(leaves[idx[0]].shape)
+            mom[key] = jnp.zeros((len(idx), m, n), jnp.float32)
+            s2[key] = jnp.zeros((len(idx), m, 1) if m == n else (len(idx), 1, n), jnp.float32)
+        return MuonState(jnp.zeros((), jnp.int32), mom, None if recipe == "2025" else s2)
 
     def update_fn(updates, state, params=None):
         if recipe == "2026" and params is None:
             raise ValueError("Muon (2026) needs params for cautious weight decay")
         g_leaves, treedef = jax.tree.flatten(updates)
-        m_leaves = treedef.flatten_up_to(state.momentum)
         p_leaves = treedef.flatten_up_to(params) if recipe == "2026" else None
-        s_leaves = treedef.flatten_up_to(state.second_moment) if recipe == "2026" else None
         step = state.count
-        # momentum, per matrix (elementwise, where the state lives)
-        mom_t = mom_fn(step)
-        new_m, g_nest = [], []
-        for g, buf in zip(g_leaves, m_leaves):
-            g = g.astype(jnp.float32)
-            buf = buf + (1 - mom_t) * (g - buf)                         # lerp(buf, g, 1 - mom)
-            new_m.append(buf)
-            g_nest.append(g + mom_t * (buf - g))                        # Nesterov: lerp(g, buf, mom)
-        scalars = (lr_fn(step), wd_fn(step))
+        scalars = (mom_fn(step), lr_fn(step), wd_fn(step))
 
-        def fn(g, p, s2, flips, lr, wd):
-            return _muon_bucket(g, p, s2, flips, recipe=recipe, lr=lr, wd=wd, beta2=beta2, ns_steps=ns_steps,
-                                dtype=dtype)
+        def fn(g, buf, p, s2, flips, mom, lr, wd):
+            return _muon_bucket(g, buf, p, s2, flips, recipe=recipe, momentum=mom, lr=lr, wd=wd, beta2=beta2,
+                                ns_steps=ns_steps, dtype=dtype)
 
         flip = [_iterates_transposed(g.shape) for g in g_leaves]   # iterate on our matrix's transpose?
-        buckets: dict[tuple, list[int]] = {}
-        for i, g in enumerate(g_leaves):
-            buckets.setdefault(tuple(sorted(g.shape)), []).append(i)
-        out_u, out_s = [None] * len(g_leaves), [None] * len(g_leaves)
-        axes = tuple(a for a in shard_axis if mesh is not None and a in mesh.axis_names and mesh.shape[a] > 1)
-        for (m, n), idx in buckets.items():
-            if axes and m * m * n >= MIN_SPLIT_WORK:
-                u, s2 = _split_over_devices(mesh, axes, idx, flip, g_nest, p_leaves, s_leaves, scalars, fn)
+        out_u = [None] * len(g_leaves)
+        new_m, new_s = {}, {}
+        for key, idx in _buckets([g.shape for g in g_leaves]).items():
+            buf = state.momentum[key]
+            s2 = None if recipe == "2025" else state.second_moment[key]
+            m, n = buf.shape[-2:]
+            if n_split > 1 and m * m * n >= MIN_SPLIT_WORK:
+                u, buf, s2 = _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, buf, s2, scalars, fn)
             else:
-                u, s2 = fn(*[_stack_wide(x, idx, flip, len(idx)) for x in (g_nest, p_leaves, s_leaves)],
-                           [flip[i] for i in idx], *scalars)
+                u, buf, s2 = fn(_stack_wide(g_leaves, idx, flip, len(idx)),
+                                buf, None if p_leaves is None else _stack_wide(p_leaves, idx, flip, len(idx)), s2,
+                                [flip[i] for i in idx], *scalars)
+            new_m[key], new_s[key] = buf, s2
             for k, i in enumerate(idx):
-                back = (lambda x: jnp.swapaxes(x, -1, -2)) if flip[i] else (lambda x: x)
-                out_u[i] = back(u[k]).astype(g_leaves[i].dtype)
-                if s2 is not None:
-                    out_s[i] = back(s2[k])
-        new_state = MuonState(
-            step + 1, treedef.unflatten(new_m), treedef.unflatten(out_s) if recipe == "2026" else None)
+                out_u[i] = (jnp.swapaxes(u[k], -1, -2) if flip[i] else u[k]).astype(g_leaves[i].dtype)
+        new_state = MuonState(step + 1, new_m, None if recipe == "2025" else new_s)
         return treedef.unflatten(out_u), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -25,6 +25,8 @@ from nanochat_jax.common import UserError, print0
 AXES = ("data", "model")
 MODES = ("dp", "fsdp", "tp")
 FSDP = "fsdp-auto"   # marker: shard the largest dim that `data` divides
+STACK = "stack"      # marker: dim 0 over every device when they divide it (the devices' shares), else FSDP's
+                     # choice in fsdp mode, replicated otherwise
 
 # ---------------------------------------------------------------------------------------------------------------
 # The rules table: param path (regex matched against the end of a '/'-joined path) -> spec per mode
@@ -37,6 +39,8 @@ RULES: list[tuple[str, dict]] = [
     (r"(^|/)attn/c_proj$",                dict(dp=P(), fsdp=FSDP, tp=P("model", None))),
     (r"(^|/)mlp/(c_fc|c_gate|c_up)$",     dict(dp=P(), fsdp=FSDP, tp=P(None, "model"))),
     (r"(^|/)mlp/c_proj$",                 dict(dp=P(), fsdp=FSDP, tp=P("model", None))),
+    # Muon's state stacks (optim.muon): each device keeps its share of the matrices it orthogonalises
+    (r"(^|/)muon_\d+x\d+$",               dict(dp=STACK, fsdp=STACK, tp=STACK)),
     (r".*",                               dict(dp=P(), fsdp=P(), tp=P())),   # scalars, small gates, counters
 ]
 _COMPILED = [(re.compile(pat), specs) for pat, specs in RULES]
@@ -83,6 +87,9 @@ def spec_for(path: str, shape, mode: str, mesh) -> P:
         return P()
     for pat, specs in _COMPILED:
         if pat.search(path):
+            if specs[mode] == STACK:
+                spec = _fit(P(AXES), tuple(shape), mesh)
+                return _fit(FSDP, tuple(shape), mesh) if spec == P() and mode == "fsdp" else spec
             return _fit(specs[mode], tuple(shape), mesh)
     return P()
 

@@ -119,7 +119,8 @@ def test_fsdp_really_shards_params_and_optimizer_state():
     for x in big:   # each device holds 1/8 of the tensor
         assert x.addressable_shards[0].data.size * 8 == x.size
     opt_big = [x for x in jax.tree.leaves(state.opt_state) if x.size >= 8 * 64]
-    assert len(opt_big) > len(big)   # Adam mu/nu per AdamW matrix, Muon momentum per block matrix
+    # Adam mu/nu per AdamW matrix, Muon momentum for every block matrix (stacked per shape): more than the params
+    assert sum(x.size for x in opt_big) > sum(x.size for x in big)
     assert all(not x.sharding.is_fully_replicated for x in opt_big)
     assert all(x.addressable_shards[0].data.size * 8 == x.size for x in opt_big)
 
@@ -176,3 +177,31 @@ def test_muon_orthogonalisation_is_split_across_devices():
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops[name] = cost["flops"]
     assert flops["split"] < flops["repeated"] / 4, flops
+
+
+@pytest.mark.parametrize("recipe", ["2025", "2026"])
+def test_split_muon_equals_one_device_muon(recipe):
+    """Muon split over 8 devices gives the single-device updates and state over two steps: for a stack the devices
+    divide (5 c_fc-like + 3 c_proj-like matrices, mixed layouts within a device's share) its state is sharded, 1/8
+    per device; for one they do not (6 square matrices: two devices get none) it stays whole."""
+    shapes = [(64, 64)] * 6 + [(64, 256)] * 5 + [(256, 64)] * 3 + [(12, 2)] * 2
+    keys = jax.random.split(jax.random.PRNGKey(0), 3 * len(shapes))
+    params = {f"w{i}": jax.random.normal(keys[i], s) * 0.05 for i, s in enumerate(shapes)}
+    grads = [{f"w{i}": jax.random.normal(keys[(t + 1) * len(shapes) + i], s) for i, s in enumerate(shapes)}
+             for t in range(2)]
+    mesh = sharding.make_mesh("data=8")
+    kw = dict(recipe=recipe, dtype=jnp.float32)
+    single, split = optim.muon(0.02, 0.9, 0.1, **kw), optim.muon(0.02, 0.9, 0.1, mesh=mesh, **kw)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    st_sh = sharding.tree_shardings(jax.eval_shape(split.init, params), mesh, "dp")
+    fn = jax.jit(split.update, in_shardings=(rep, st_sh, rep), out_shardings=(rep, st_sh))
+    s1, s8 = single.init(params), jax.jit(split.init, out_shardings=st_sh)(params)
+    for g in grads:
+        u1, s1 = single.update(g, s1, params)
+        u8, s8 = fn(g, s8, params)
+        for a, b in zip(jax.tree.leaves((u8, s8)), jax.tree.leaves((u1, s1))):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-30)
+    wide = s8.momentum["muon_64x256"]
+    assert wide.shape == (8, 64, 256) and wide.addressable_shards[0].data.shape == (1, 64, 256)
+    assert s8.momentum["muon_64x64"].sharding.is_fully_replicated
