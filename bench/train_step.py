@@ -72,14 +72,22 @@ def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None
     data = sharding.put_batch({"inputs": x[..., :-1], "targets": x[..., 1:]}, mesh)
     # Muon alone, on the block matrices, with the same shardings as inside the step
     blocks = jax.tree.map(lambda a: a.copy(), {"blocks": state.params["blocks"]})   # the step donates state
+    return config, state, step, data, muon_fn(config, blocks, mesh, mode, split_muon)
+
+
+def muon_fn(config, blocks, mesh, mode="dp", split_muon=True):
+    """(jitted Muon update, its args) on `blocks`; split over the mesh's devices, or every device repeating all of it
+    (its state then whole on every device too)."""
+    import jax
+    from nanochat_jax import optim, sharding
     muon = optim.muon(0.02, recipe=config.recipe, mesh=mesh if split_muon else None)
     bsh = jax.tree.map(lambda a: a.sharding, blocks)
     msh = sharding.tree_shardings(jax.eval_shape(muon.init, blocks), mesh, mode)
-    if not split_muon:   # every device repeating all of it: its state whole on every device too
+    if not split_muon:
         msh = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), msh)
     mstate = jax.jit(muon.init, out_shardings=msh)(blocks)
     mfn = jax.jit(muon.update, in_shardings=(bsh, msh, bsh), out_shardings=(bsh, msh))
-    return config, state, step, data, (mfn, (blocks, mstate, blocks))
+    return mfn, (blocks, mstate, blocks)
 
 
 def bench_depth(depth, seq, batch, steps, dot_rate, peak, accum=1, vocab=None):
@@ -104,7 +112,9 @@ def muon_share(depth, seq, batch, steps, mesh_spec=None, accum=1, vocab=None) ->
     """Muon's update time / the whole step's time, on the default devices (all of them, data parallel)."""
     import jax
     config, state, step, data, (mfn, margs) = build(depth, seq, batch, mesh_spec, accum=accum, vocab=vocab)
+    mesh = jax.tree.leaves(margs[0])[0].sharding.mesh
     holder = {"state": state}
+    del state
 
     def run(d):
         holder["state"], m = step(holder["state"], d)
@@ -113,7 +123,8 @@ def muon_share(depth, seq, batch, steps, mesh_spec=None, accum=1, vocab=None) ->
     t_muon = timeit(lambda *a: mfn(*a)[0], *margs, steps=steps, warmup=2)
     out = dict(devices=jax.device_count(), step_ms=t_step * 1e3, muon_ms=t_muon * 1e3, share=t_muon / t_step)
     if jax.device_count() > 1:   # the same Muon with every device repeating all of it, for comparison
-        _, _, _, _, (rfn, rargs) = build(depth, seq, batch, mesh_spec, accum=accum, vocab=vocab, split_muon=False)
+        holder.clear()   # the train state's memory (8 fake devices at d8 hold 8 copies)
+        rfn, rargs = muon_fn(config, margs[0], mesh, split_muon=False)
         out["repeated_ms"] = timeit(lambda *a: rfn(*a)[0], *rargs, steps=steps, warmup=2) * 1e3
     return out
 

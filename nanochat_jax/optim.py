@@ -9,8 +9,10 @@ Two recipes (nanochat's 2025 original and its 2026 head, `fixtures/nanochat_ref/
 Layout: our weights are JAX (in, out); nanochat's "rows" are the output dim = our LAST axis, "cols" = axis -2.
 
 `build_optimizer(params, config, opt_cfg, num_steps, mesh=None)` -> optax.GradientTransformation (multi_transform over
-`param_labels(params)`). With a mesh, Muon's orthogonalisation is split across the `data` axis: same-shape matrices are
-stacked and the stack is sharded, so each device orthogonalises its share (like nanochat's DistMuon).
+`param_labels(params)`). Muon works on stacks of the matrices that nanochat iterates on with the same shape (c_fc and
+c_proj together), and keeps its state in those stacks. With a mesh, each stack is split over all devices: each
+device runs the whole Muon step for its share of the matrices and keeps only their state, and one gather brings
+the updates back (like nanochat's DistMuon, which reduce-scatters, updates its own params and all-gathers).
 """
 
 from __future__ import annotations
