@@ -91,6 +91,9 @@ def muon_fn(config, blocks, mesh, mode="dp", split_muon=True):
 
 
 def bench_depth(depth, seq, batch, steps, dot_rate, peak, accum=1, vocab=None):
+    """One depth's row. `dot_rate()` measures the reference matmul: once just before and once just after the timed
+    steps, so that the ratio compares the two under the same machine conditions (a shared VM drifts)."""
+    import jax
     from nanochat_jax.config import flops_per_token
     config, state, step, data, _ = build(depth, seq, batch, accum=accum, vocab=vocab)
     holder = {"state": state}
@@ -98,11 +101,14 @@ def bench_depth(depth, seq, batch, steps, dot_rate, peak, accum=1, vocab=None):
     def run(d):
         holder["state"], m = step(holder["state"], d)
         return m["loss"]
-    dt = timeit(run, data, steps=steps, warmup=2)
+    jax.block_until_ready(run(data))   # compile and warm up before the first reference
+    ref_before = dot_rate()
+    dt = timeit(run, data, steps=steps, warmup=1)
+    ref = (ref_before + dot_rate()) / 2
     tok_s = accum * batch * seq / dt
     flops = flops_per_token(config) * tok_s
     row = dict(depth=depth, width=config.n_embd, tokens_per_step=accum * batch * seq, step_ms=dt * 1e3, tok_s=tok_s,
-               model_flops=flops, vs_matmul=flops / dot_rate)
+               model_flops=flops, ref_flops=ref, vs_matmul=flops / ref)
     if peak:
         row["mfu"] = flops / peak
     return row
@@ -155,20 +161,22 @@ def main(argv=None):
     dtype = compute_dtype()
     on_gpu = dev.platform == "gpu"
     n = args.dot_size or (8192 if on_gpu else 2048)
-    dot_rate = matmul_rate(dtype, n)
+    dot_rate = matmul_rate(dtype, n, steps=15)
     peak = peak_flops(dev) if on_gpu else None
     print0(f"device {dev.device_kind} x{jax.device_count()} | compute {dtype.name} | jax {jax.__version__}")
-    print0(f"reference: {n}x{n} jnp.dot in {dtype.name}: {dot_rate / 1e9:,.1f} GFLOP/s"
+    print0(f"reference: {n}x{n} jnp.dot in {dtype.name}: {dot_rate / 1e9:,.1f} GFLOP/s (and again around each row)"
            + (f" ({dot_rate / peak:.0%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak)" if peak else ""))
     print0(f"train step: seq {args.seq}, {args.accum} x {args.batch} rows per step (accumulated in the jit)")
     print0(f"{'depth':>5} {'width':>5} {'tok/step':>8} {'step ms':>9} {'tok/s':>10} {'model GFLOP/s':>14} "
-           f"{'vs matmul':>9}" + (f" {'MFU':>6}" if peak else ""))
+           f"{'ref GFLOP/s':>11} {'vs matmul':>9}" + (f" {'MFU':>6}" if peak else ""))
     rows = []
     for d in [int(x) for x in args.depths.split(",") if x]:
-        r = bench_depth(d, args.seq, args.batch, args.steps, dot_rate, peak, accum=args.accum, vocab=args.vocab)
+        r = bench_depth(d, args.seq, args.batch, args.steps, lambda: matmul_rate(dtype, n, steps=15), peak,
+                        accum=args.accum, vocab=args.vocab)
         rows.append(r)
         print0(f"{r['depth']:>5} {r['width']:>5} {r['tokens_per_step']:>8} {r['step_ms']:>9.1f} {r['tok_s']:>10,.0f} "
-               f"{r['model_flops'] / 1e9:>14,.1f} {r['vs_matmul']:>9.1%}" + (f" {r['mfu']:>6.1%}" if peak else ""))
+               f"{r['model_flops'] / 1e9:>14,.1f} {r['ref_flops'] / 1e9:>11,.1f} {r['vs_matmul']:>9.1%}"
+               + (f" {r['mfu']:>6.1%}" if peak else ""))
 
     if args.muon_depth:
         batch8 = -(-args.batch // 8) * 8   # the same global batch on 1 and on 8 devices
