@@ -137,7 +137,7 @@ def make_rl_step(config, tx: optax.GradientTransformation, mesh, state_sharding,
         grads = jax.lax.with_sharding_constraint(grads, state_sharding.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "tokens": count,
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": count,
                    "lr": jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)}
         return TrainState(state.step + 1, params, opt_state, state.loss_scale), metrics
 
