@@ -144,8 +144,9 @@ def _iterates_transposed(shape) -> bool:
     return shape[-1] <= shape[-2]
 
 
-def _wide(Y):
-    return jnp.swapaxes(Y, -1, -2) if _iterates_transposed(Y.shape) else Y
+def _swap(x, transpose: bool):
+    """x with its last two axes swapped when `transpose` (our layout <-> the one nanochat iterates on)."""
+    return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
 def _ns_2025_wide(W, steps: int = 5):
@@ -163,14 +164,13 @@ def _polar_express_wide(W, steps: int = 5):
 def newton_schulz_2025(G, steps: int = 5, dtype=jnp.bfloat16):
     """nanochat 2025 zeropower_via_newtonschulz5: quintic NS in `dtype` on X/(|X|_F + 1e-7)."""
     t = _iterates_transposed(G.shape)
-    W = _ns_2025_wide(_wide(G.astype(dtype)), steps)
-    return jnp.swapaxes(W, -1, -2) if t else W
+    return _swap(_ns_2025_wide(_swap(G.astype(dtype), t), steps), t)
 
 
 def polar_express(X, steps: int = 5):
     """nanochat 2026: X/(1.01|X|_F + 1e-6), then Polar Express iterations, in X's dtype."""
-    W = _polar_express_wide(_wide(X), steps)
-    return jnp.swapaxes(W, -1, -2) if _iterates_transposed(X.shape) else W
+    t = _iterates_transposed(X.shape)
+    return _swap(_polar_express_wide(_swap(X, t), steps), t)
 
 
 def _fro(x):
@@ -182,7 +182,7 @@ MIN_SPLIT_WORK = 64 ** 3   # m*m*n of one matrix below which splitting costs mor
 
 def _per_slot(flips, if_flipped, if_not):
     """A value that depends on whether each stacked matrix is a transposed one: static when all agree, else a
-    (k, 1, 1) select (the padding slots take the first matrix's side; they are zeros and dropped)."""
+    (k, 1, 1) select."""
     if all(flips):
         return if_flipped()
     if not any(flips):
@@ -240,8 +240,7 @@ def _muon_bucket(g, buf, p, s2, flips, *, recipe, momentum, lr, wd, beta2, ns_st
 def _stack_wide(leaves, idx, flip, pad_to):
     """(pad_to, m, n) fp32 stack of leaves[idx] (not empty) in the wide layout (each transposed where `flip[i]`),
     zero matrices after them."""
-    parts = [leaves[i].astype(jnp.float32) for i in idx]
-    parts = [jnp.swapaxes(x, -1, -2) if flip[i] else x for x, i in zip(parts, idx)]
+    parts = [_swap(leaves[i].astype(jnp.float32), flip[i]) for i in idx]
     return jnp.stack(parts + [jnp.zeros_like(parts[0])] * (pad_to - len(idx)))
 
 
@@ -348,13 +347,13 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
         for p in leaves:
             if p.ndim != 2:
                 raise ValueError(f"Muon only takes matrices, got shape {p.shape}")
-        buckets = _buckets([p.shape for p in leaves])
         mom, s2 = {}, {}
-        for key, idx in buckets.items():
+        for key, idx in _buckets([p.shape for p in leaves]).items():
             m, n = sorted(leaves[idx[0]].shape)
             mom[key] = jnp.zeros((len(idx), m, n), jnp.float32)
-            s2[key] = jnp.zeros((len(idx), m, 1) if m == n else (len(idx), 1, n), jnp.float32)
-        return MuonState(jnp.zeros((), jnp.int32), mom, None if recipe == "2025" else s2)
+            if recipe == "2026":
+                s2[key] = jnp.zeros((len(idx), m, 1) if m == n else (len(idx), 1, n), jnp.float32)
+        return MuonState(jnp.zeros((), jnp.int32), mom, s2 if recipe == "2026" else None)
 
     def update_fn(updates, state, params=None):
         if recipe == "2026" and params is None:
@@ -383,7 +382,7 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
                                 [flip[i] for i in idx], *scalars)
             new_m[key], new_s[key] = buf, s2
             for k, i in enumerate(idx):
-                out_u[i] = (jnp.swapaxes(u[k], -1, -2) if flip[i] else u[k]).astype(g_leaves[i].dtype)
+                out_u[i] = _swap(u[k], flip[i]).astype(g_leaves[i].dtype)
         new_state = MuonState(step + 1, new_m, None if recipe == "2025" else new_s)
         return treedef.unflatten(out_u), new_state
 
