@@ -153,6 +153,19 @@ def test_loss_and_count_ignores_minus_one_and_survives_all_masked():
     np.testing.assert_allclose(mean(params, tokens, targets, SMALL_2026), losses.sum() / (2 * 16 - 5), rtol=1e-6)
 
 
+@pytest.mark.parametrize("tn_max", [4096, 0], ids=["token-contracting", "transposed-copy"])
+@pytest.mark.parametrize("k,m", [(24, 40), (40, 8)])   # x smaller than g, and larger (g is transposed then)
+def test_cpu_matmul_gradient_equals_autodiffs_in_every_layout(k, m, tn_max, monkeypatch):
+    monkeypatch.setattr(model, "TN_DW_MAX", tn_max)
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(4), 3)
+    x, w = jax.random.normal(kx, (3, 16, k)), jax.random.normal(kw, (k, m))
+    g = jax.random.normal(kg, (3, 16, m))
+    ours = jax.grad(lambda x, w: (model._cpu_matmul(x, w) * g).sum(), argnums=(0, 1))(x, w)
+    plain = jax.grad(lambda x, w: (jnp.dot(x, w, precision="highest") * g).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, plain):
+        assert max_rel(np.asarray(a), np.asarray(b)) <= 1e-6
+
+
 def test_init_params_shapes_and_dtypes_follow_the_contract():
     config = ModelConfig.from_depth(4, d_model=256, n_heads=4, n_kv_heads=2, vocab_size=500, mlp="swiglu")
     p = model.init_params(config, jax.random.PRNGKey(0))
