@@ -125,7 +125,7 @@ def _cpu_matmul_fwd(x, w):
 def _cpu_matmul_bwd(res, g):
     x, w = res
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    if g2.shape[-1] <= TN_DW_MAX:
+    if g2.shape[-1] <= TN_DW_MAX:       # contract the token axis in place: dW = x^T @ g, no copy
         dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
     elif x2.size <= g2.size + w.size:   # transpose x: dW = x^T @ g
         dw = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
