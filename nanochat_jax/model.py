@@ -213,10 +213,70 @@ def causal_attention(q, k, v, window: int, config: ModelConfig):
     """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups."""
     T = q.shape[1]
     local = (window, 0) if window < T - 1 else None
-    if local is not None and T % window == 0 and attention_impl(q.dtype, q.shape[-1]) == "xla" \
-            and jax.default_backend() == "cpu":
+    on_cpu_xla = attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"
+    if local is not None and T % window == 0 and on_cpu_xla:
         return banded_attention(q, k, v, window, config)
+    if local is None and on_cpu_xla and q.dtype == F32 and T % CAUSAL_BLOCKS == 0 and T >= 64 * CAUSAL_BLOCKS:
+        return blocked_causal_attention(q, k, v, config)
     return sdpa(q, k, v, config, is_causal=True, local_window_size=local)
+
+
+CAUSAL_BLOCKS = 4   # see blocked_causal_attention
+
+
+def blocked_causal_attention(q, k, v, config: ModelConfig, blocks: int = CAUSAL_BLOCKS):
+    """Full causal attention on XLA:CPU (fp32) with the queries in `blocks` blocks, block i attending only to keys
+    0 .. its own last position: 5/8 of the scores at 4 blocks, the rest (exactly zero weight) never computed.
+    A d8 long-window layer (T 512) forward+backward 53 -> 35 ms on 2 cores."""
+    T = q.shape[1]
+    size = T // blocks
+    out = []
+    for i in range(blocks):
+        end = (i + 1) * size
+        mask = np.arange(end)[None, :] <= np.arange(i * size, end)[:, None]            # (size, end)
+        out.append(_masked_attention(q[:, i * size:end], k[:, :end], v[:, :end], jnp.asarray(mask),
+                                     attn_scale(config)))
+    return jnp.concatenate(out, axis=1)
+
+
+def _attention_scores(q, k, scale):
+    """q (B, Tq, H, D), k (B, Tk, KV, D) -> scores (B, KV, H/KV, Tq, Tk), GQA by head groups."""
+    B, Tq, H, D = q.shape
+    KV = k.shape[2]
+    return jnp.einsum("bqngd,bknd->bngqk", q.reshape(B, Tq, KV, H // KV, D), k) * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_attention(q, k, v, mask, scale: float):
+    """softmax(q k^T * scale, where mask (Tq, Tk)) v in fp32, with a hand-written gradient: the softmax's
+    backward is its own loop fusion (the barrier keeps XLA:CPU from fusing it into the dO V^T product, where it
+    ran several times slower than the product alone)."""
+    return _masked_attention_fwd(q, k, v, mask, scale)[0]
+
+
+def _masked_attention_fwd(q, k, v, mask, scale):
+    B, Tq, H, D = q.shape
+    s = jnp.where(mask, _attention_scores(q, k, scale), -jnp.inf)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    p = e / jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("bngqk,bknd->bqngd", p, v).reshape(B, Tq, H, D)
+    return o, (q, k, v, p)
+
+
+def _masked_attention_bwd(scale, res, g):
+    q, k, v, p = res
+    B, Tq, H, D = q.shape
+    KV = k.shape[2]
+    g = g.reshape(B, Tq, KV, H // KV, D)
+    dv = jnp.einsum("bngqk,bqngd->bknd", p, g)
+    dp = jax.lax.optimization_barrier(jnp.einsum("bqngd,bknd->bngqk", g, v))
+    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)) * scale
+    dq = jnp.einsum("bngqk,bknd->bqngd", ds, k).reshape(B, Tq, H, D)
+    dk = jnp.einsum("bngqk,bqngd->bknd", ds, q.reshape(B, Tq, KV, H // KV, D))
+    return dq, dk, dv, None
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 def banded_attention(q, k, v, window: int, config: ModelConfig, block: int | None = None):

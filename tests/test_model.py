@@ -153,6 +153,25 @@ def test_loss_and_count_ignores_minus_one_and_survives_all_masked():
     np.testing.assert_allclose(mean(params, tokens, targets, SMALL_2026), losses.sum() / (2 * 16 - 5), rtol=1e-6)
 
 
+def test_blocked_causal_attention_equals_sdpa_values_and_grads_with_gqa(monkeypatch):
+    """On CPU a full causal layer (T a multiple of 4 blocks of >= 64) runs as query blocks over their key prefixes,
+    with its own softmax gradient: the same attention as jax.nn.dot_product_attention, forward and backward."""
+    config = ModelConfig.from_depth(2, d_model=128, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    calls = []
+    real = model.blocked_causal_attention
+    monkeypatch.setattr(model, "blocked_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(5), 4)
+    q, g = jax.random.normal(kq, (2, 256, 4, 32)), jax.random.normal(kg, (2, 256, 4, 32))
+    k, v = jax.random.normal(kk, (2, 256, 2, 32)), jax.random.normal(kv, (2, 256, 2, 32))
+    ours = lambda q, k, v: model.causal_attention(q, k, v, 256, config)  # noqa: E731
+    ref = lambda q, k, v: model.sdpa(q, k, v, config, is_causal=True)  # noqa: E731
+    assert max_rel(np.asarray(ours(q, k, v)), np.asarray(ref(q, k, v))) <= 1e-5
+    assert calls, "the full-causal layer did not take the blocked path"
+    grads = [jax.grad(lambda *a, f=f: (f(*a) * g).sum(), argnums=(0, 1, 2))(q, k, v) for f in (ours, ref)]
+    for a, b in zip(*grads):
+        assert max_rel(np.asarray(a), np.asarray(b)) <= 1e-5
+
+
 @pytest.mark.parametrize("tn_max", [4096, 0], ids=["token-contracting", "transposed-copy"])
 @pytest.mark.parametrize("k,m", [(24, 40), (40, 8)])   # x smaller than g, and larger (g is transposed then)
 def test_cpu_matmul_gradient_equals_autodiffs_in_every_layout(k, m, tn_max, monkeypatch):
