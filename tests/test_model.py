@@ -153,6 +153,27 @@ def test_loss_and_count_ignores_minus_one_and_survives_all_masked():
     np.testing.assert_allclose(mean(params, tokens, targets, SMALL_2026), losses.sum() / (2 * 16 - 5), rtol=1e-6)
 
 
+@pytest.mark.parametrize("vocab, padded", [(96, 96), (90, 96)])
+def test_softcap_xent_values_and_grads_equal_autodiff_of_the_plain_loss(vocab, padded):
+    """The hand-written cross-entropy (shared tanh, one-hot term added per row) against autodiff through
+    softcap + token_losses, with ignored rows, a target in the last column and padded vocab columns."""
+    z = jax.random.normal(jax.random.PRNGKey(0), (3, 8, padded)) * 20        # large enough to saturate the cap
+    targets = jax.random.randint(jax.random.PRNGKey(1), (3, 8), 0, vocab)
+    targets = targets.at[0, :3].set(-1).at[1, 0].set(vocab - 1).at[2].set(-1)
+    w = jax.random.uniform(jax.random.PRNGKey(2), (3, 8))
+
+    def plain(z):
+        return model.token_losses(model.softcap(z)[..., :vocab], targets)[0]
+
+    ours = jax.jit(jax.value_and_grad(lambda z: (model.softcap_xent(z, targets, vocab) * w).sum()))
+    ref = jax.jit(jax.value_and_grad(lambda z: (plain(z) * w).sum()))
+    (l1, g1), (l0, g0) = ours(z), ref(z)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert max_rel(g1, g0) < 1e-6
+    assert float(jnp.abs(g1[2]).max()) == 0.0 and float(jnp.abs(g1[0, :3]).max()) == 0.0   # ignored rows
+    assert float(jnp.abs(g1[..., vocab:]).max(initial=0.0)) == 0.0                           # padded columns
+
+
 def test_blocked_causal_attention_equals_sdpa_values_and_grads_with_gqa(monkeypatch):
     """On CPU a full causal layer (T a multiple of 4 blocks of >= 64) runs as query blocks over their key prefixes,
     with its own softmax gradient: the same attention as jax.nn.dot_product_attention, forward and backward."""
