@@ -126,51 +126,51 @@ def muon_weight_decay(opt_cfg: OptConfig, num_steps: int) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------
 # Orthogonalisation (batched over a leading stack axis; X is (..., in, out) in JAX layout)
 
-def _iterate(W, coeffs):
-    """W is 'wide' (m <= n in the layout nanochat iterates on): A = W W^T, W = (aI + bA + cA^2) W. nanochat writes
-    the last step as aW + (bA + cA^2) W; folding a into the small m x m matrix is the same polynomial without a
-    pass over the large W (and XLA:CPU runs the folded form at full speed on one matrix per device)."""
-    eye = jnp.eye(W.shape[-2], dtype=W.dtype)
+def _iterate(W, coeffs, right: bool = False):
+    """The iteration on nanochat's wide matrix X (m <= n): A = X X^T, X = (aI + bA + cA^2) X. With `right`, W is
+    a tall X^T in our layout and the same polynomial runs from the right: A = W^T W, W = W (aI + bA + cA^2), which
+    is exactly the transpose of the left form (A is symmetric), so no transposed copy of W is ever made. nanochat writes the last step as aX + (bA + cA^2) X; folding a into the small m x m matrix is the same
+    polynomial without a pass over the large X (and XLA:CPU runs the folded form at full speed)."""
+    k = W.shape[-1] if right else W.shape[-2]
+    eye = jnp.eye(k, dtype=W.dtype)
     for a, b, c in coeffs:
-        A = W @ jnp.swapaxes(W, -1, -2)
-        W = (a * eye + b * A + c * (A @ A)) @ W
+        if right:
+            A = jnp.swapaxes(W, -1, -2) @ W
+            W = W @ (a * eye + b * A + c * (A @ A))
+        else:
+            A = W @ jnp.swapaxes(W, -1, -2)
+            W = (a * eye + b * A + c * (A @ A)) @ W
     return W
 
 
-def _iterates_transposed(shape) -> bool:
-    """Whether nanochat iterates on the transpose of our (in, out) matrix. nanochat holds X = Y^T (out, in); the
-    2025 code transposes it when rows > cols, the 2026 code picks X^T X for tall X: both iterate on Y itself when
-    out > in, else on Y^T. Either way the iterated matrix is wide: (min, max)."""
-    return shape[-1] <= shape[-2]
+def _tall(shape) -> bool:
+    """Whether our (in, out) matrix Y is tall, so that the iteration runs from the right (`_iterate`). nanochat
+    iterates on the wide one of X = Y^T and Y: on Y^T when in >= out. For a square Y both forms are the same
+    polynomial (p(Y Y^T) Y = Y p(Y^T Y)), and the left one is the faster product on XLA:CPU."""
+    return shape[-1] < shape[-2]
 
 
-def _swap(x, transpose: bool):
-    """x with its last two axes swapped when `transpose` (our layout <-> the one nanochat iterates on)."""
-    return jnp.swapaxes(x, -1, -2) if transpose else x
-
-
-def _ns_2025_wide(W, steps: int = 5):
-    """nanochat 2025 zeropower_via_newtonschulz5 on a wide W (already in its dtype): quintic NS on W/(|W|_F + 1e-7)."""
+def _ns_2025(W, steps: int = 5):
+    """nanochat 2025 zeropower_via_newtonschulz5 on W in our layout (already in its dtype): quintic NS on
+    W/(|W|_F + 1e-7)."""
     W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) + 1e-7)
-    return _iterate(W, (NS_COEFFS_2025,) * steps)
+    return _iterate(W, (NS_COEFFS_2025,) * steps, right=_tall(W.shape))
 
 
-def _polar_express_wide(W, steps: int = 5):
-    """nanochat 2026 on a wide W: W/(1.01|W|_F + 1e-6), then Polar Express iterations, in W's dtype."""
+def _polar_express(W, steps: int = 5):
+    """nanochat 2026 on W in our layout: W/(1.01|W|_F + 1e-6), then Polar Express iterations, in W's dtype."""
     W = W / (jnp.linalg.norm(W, axis=(-2, -1), keepdims=True) * 1.01 + 1e-6)
-    return _iterate(W, POLAR_EXPRESS_COEFFS[:steps])
+    return _iterate(W, POLAR_EXPRESS_COEFFS[:steps], right=_tall(W.shape))
 
 
 def newton_schulz_2025(G, steps: int = 5, dtype=jnp.bfloat16):
     """nanochat 2025 zeropower_via_newtonschulz5: quintic NS in `dtype` on X/(|X|_F + 1e-7)."""
-    t = _iterates_transposed(G.shape)
-    return _swap(_ns_2025_wide(_swap(G.astype(dtype), t), steps), t)
+    return _ns_2025(G.astype(dtype), steps)
 
 
 def polar_express(X, steps: int = 5):
     """nanochat 2026: X/(1.01|X|_F + 1e-6), then Polar Express iterations, in X's dtype."""
-    t = _iterates_transposed(X.shape)
-    return _swap(_polar_express_wide(_swap(X, t), steps), t)
+    return _polar_express(X, steps)
 
 
 def _fro(x):
@@ -180,35 +180,26 @@ def _fro(x):
 MIN_SPLIT_WORK = 64 ** 3   # m*m*n of one matrix below which splitting costs more in collectives than it saves
 
 
-def _per_slot(flips, if_flipped, if_not):
-    """A value that depends on whether each stacked matrix is a transposed one: static when all agree, else a
-    (k, 1, 1) select."""
-    if all(flips):
-        return if_flipped()
-    if not any(flips):
-        return if_not()
-    mask = jnp.asarray(flips, bool)[:, None, None]
-    return jnp.where(mask, if_flipped(), if_not())
-
-
-def _muoneq_2026(X, flips):
-    """MuonEq on a wide stack: each output row of nanochat's X (our column) rescaled to the mean row norm. Our
-    output dim is the wide layout's last axis for an untransposed matrix, its first for a transposed one."""
+def _muoneq_2026(X):
+    """MuonEq on a (k, in, out) stack in our layout: each output row of nanochat's X (our column) rescaled to the
+    mean row norm."""
     sq = jnp.square(X.astype(jnp.float32))
     fro = jnp.sqrt(jnp.sum(sq, axis=(-2, -1), keepdims=True))
-    m, n = X.shape[-2:]
+    scale = (fro / math.sqrt(X.shape[-1])) / jnp.maximum(jnp.sqrt(jnp.sum(sq, axis=-2, keepdims=True)), 1e-6)
+    return X * scale.astype(X.dtype)
 
-    def scale(axis, n_out):
-        return (fro / math.sqrt(n_out)) / jnp.maximum(jnp.sqrt(jnp.sum(sq, axis=axis, keepdims=True)), 1e-6)
-    return X * _per_slot(flips, lambda: scale(-1, m), lambda: scale(-2, n)).astype(X.dtype)
+
+def _normuon_axis(shape) -> int:
+    """The axis of our (in, out) layout that NorMuon reduces over: nanochat's red_dim is the short dim of the wide
+    matrix it iterates on, its rows for a non-square one and its columns (our rows) for a square one."""
+    return -1 if shape[-1] < shape[-2] else -2
 
 
 def _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2):
-    """NorMuon and cautious weight decay on a wide (k, m, n) stack (formula_notes 'Muon step'). nanochat reduces
-    over its red_dim: in the wide layout that is always the short dim m, the first axis for a non-square matrix,
-    the last for a square one (nanochat's cols = our rows). Returns (update, new_s2)."""
-    m, n = u.shape[-2:]
-    red_axis = -1 if m == n else -2
+    """NorMuon and cautious weight decay on a (k, in, out) stack in our layout (formula_notes 'Muon step'),
+    reducing over `_normuon_axis`. Returns (update, new_s2)."""
+    m = min(u.shape[-2:])
+    red_axis = _normuon_axis(u.shape)
     v_mean = jnp.mean(jnp.square(u), axis=red_axis, keepdims=True)
     v_norm = jnp.sqrt(jnp.sum(v_mean, axis=(-2, -1), keepdims=True) * m)
     s2 = s2 + (1 - beta2) * (v_mean - s2)
@@ -220,27 +211,25 @@ def _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2):
     return -(lr_eff * u + lr_eff * wd * p * mask), s2
 
 
-def _muon_bucket(g, buf, p, s2, flips, *, recipe, momentum, lr, wd, beta2, ns_steps, dtype):
-    """One Muon step on a stack of wide (k, m, n) matrices: `g` the gradients, `buf` the momentum, `p` the weights
-    and `s2` the NorMuon moments (2026), fp32; the iteration runs in `dtype`. `flips` says which are our (in, out)
-    matrices transposed. Returns (update, new_buf, new_s2)."""
-    m, n = g.shape[-2:]
+def _muon_bucket(g, buf, p, s2, *, recipe, momentum, lr, wd, beta2, ns_steps, dtype):
+    """One Muon step on a stack of (k, in, out) matrices in our layout: `g` the gradients, `buf` the momentum, `p`
+    the weights and `s2` the NorMuon moments (2026), fp32; the iteration runs in `dtype`. Returns (update, new_buf,
+    new_s2)."""
+    n_in, n_out = g.shape[-2:]
     buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
     g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
-    # sqrt(max(1, out/in)): out > in only for an untransposed non-square matrix
-    lr_eff = lr * _per_slot(flips, lambda: jnp.ones(()), lambda: jnp.full((), math.sqrt(n / m)))
+    lr_eff = lr * math.sqrt(max(1.0, n_out / n_in))
     if recipe == "2025":
-        return -lr_eff * _ns_2025_wide(g.astype(dtype), ns_steps).astype(jnp.float32), buf, None
-    u = _polar_express_wide(_muoneq_2026(g.astype(dtype), flips), ns_steps).astype(jnp.float32)
-    u = u * (math.sqrt(m) / jnp.maximum(_fro(u), 1e-6))       # Muon+: |X|_F = sqrt(min(rows, cols))
+        return -lr_eff * _ns_2025(g.astype(dtype), ns_steps).astype(jnp.float32), buf, None
+    u = _polar_express(_muoneq_2026(g.astype(dtype)), ns_steps).astype(jnp.float32)
+    u = u * (math.sqrt(min(n_in, n_out)) / jnp.maximum(_fro(u), 1e-6))   # Muon+: |X|_F = sqrt(min(rows, cols))
     update, s2 = _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2)
     return update, buf, s2
 
 
-def _stack_wide(leaves, idx, flip, pad_to):
-    """(pad_to, m, n) fp32 stack of leaves[idx] (not empty) in the wide layout (each transposed where `flip[i]`),
-    zero matrices after them."""
-    parts = [_swap(leaves[i].astype(jnp.float32), flip[i]) for i in idx]
+def _stack(leaves, idx, pad_to):
+    """(pad_to, in, out) fp32 stack of leaves[idx] (not empty), zero matrices after them."""
+    parts = [leaves[i].astype(jnp.float32) for i in idx]
     return jnp.stack(parts + [jnp.zeros_like(parts[0])] * (pad_to - len(idx)))
 
 
@@ -251,20 +240,19 @@ def _pad_rows(x, start, stop, per):
 
 
 def _bucket_key(shape) -> str:
-    m, n = sorted(shape)
-    return f"muon_{m}x{n}"
+    return f"muon_{shape[0]}x{shape[1]}"
 
 
 def _buckets(shapes) -> dict[str, list[int]]:
-    """Leaf indices grouped by the shape nanochat iterates on (wide: (min, max)), in leaf order."""
+    """Leaf indices grouped by their (in, out) shape, in leaf order."""
     out: dict[str, list[int]] = {}
     for i, shape in enumerate(shapes):
         out.setdefault(_bucket_key(shape), []).append(i)
     return out
 
 
-def _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, buf, s2, scalars, fn):
-    """`fn(g, buf, p, s2, flips, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share
+def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn):
+    """`fn(g, buf, p, s2, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share
     of them. Gradients and weights are whole on every device (data parallel): a switch on the device index stacks
     only the device's own share. The momentum and NorMuon stacks (state) are sharded over `axes` when the devices
     divide the bucket, so each device keeps only its share's (like nanochat's DistMuon), else whole.
@@ -281,20 +269,18 @@ def _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, buf, s2, scal
 
         def branch(k):   # device k's share: matrices idx[k*per : (k+1)*per], zero matrices to fill it
             share = idx[k * per:(k + 1) * per]
-            fl = [flip[i] for i in share]
-            fl = fl + [fl[-1] if fl else flip[idx[-1]]] * (per - len(fl))   # padding: zeros, any side
 
             def own(stack):   # this device's rows of a state stack
                 if stack is None or sharded:
                     return stack
                 return _pad_rows(stack, k * per, (k + 1) * per, per)
             if share:
-                g_k = _stack_wide(gs, share, flip, per)
-                p_k = None if ps is None else _stack_wide(ps, share, flip, per)
+                g_k = _stack(gs, share, per)
+                p_k = None if ps is None else _stack(ps, share, per)
             else:
                 g_k = jnp.zeros((per,) + b.shape[1:], jnp.float32)
                 p_k = None if ps is None else g_k
-            return fn(g_k, own(b), p_k, own(v), fl, *scal)
+            return fn(g_k, own(b), p_k, own(v), *scal)
         u, b, v = jax.lax.switch(d, [lambda k=k: branch(k) for k in range(size)])
         u = jax.lax.all_gather(u, axes, tiled=True)
         if not sharded:
@@ -312,11 +298,11 @@ def _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, buf, s2, scal
 # Muon as an optax GradientTransformation
 
 class MuonState(NamedTuple):
-    """Muon's state, per bucket of matrices with the same wide shape (`_buckets`), in the wide layout: key
-    'muon_{m}x{n}' -> stack in leaf order. Stacked state shards over the devices' shares of each bucket."""
+    """Muon's state, per bucket of matrices with the same (in, out) shape (`_buckets`), in our layout: key
+    'muon_{in}x{out}' -> stack in leaf order. Stacked state shards over the devices' shares of each bucket."""
     count: jax.Array            # int32 step counter (0-based step of the next update)
-    momentum: Any               # {key: (k, m, n)} momentum buffers
-    second_moment: Any          # {key: (k, 1, n), or (k, m, 1) for square m}: NorMuon's factored moments; None in 2025
+    momentum: Any               # {key: (k, in, out)} momentum buffers
+    second_moment: Any          # {key: (k, 1, out) or (k, in, 1) (`_normuon_axis`)}: NorMuon's factored moments; None in 2025
 
 
 def _as_schedule(x):
@@ -328,9 +314,10 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
     """Muon over a pytree of 2-D matrices (JAX (in, out) layout). lr / momentum / weight_decay: floats or
     functions of the 0-based step.
 
-    Every matrix is handled in the layout nanochat iterates on (wide: (min, max)), and matrices of the same wide
-    shape are stacked: an MLP's c_fc (d, 4d) and c_proj (4d, d) land in one (2L, d, 4d) stack; the state is kept
-    in these stacks. With a mesh, each stack is split over the `shard_axis` mesh axes (all devices by default) for
+    Matrices of the same (in, out) shape are stacked (the attention projections of all layers in one (4L, d, d)
+    stack, the MLPs' c_fc and c_proj in one each) and kept in our layout: where nanochat iterates on the transpose,
+    the same polynomial runs from the right (`_iterate`) and its reductions follow the axes, so no matrix is ever
+    copied transposed; the state is kept in these stacks. With a mesh, each stack is split over the `shard_axis` mesh axes (all devices by default) for
     the whole step, momentum to weight decay: each device does its share of the matrices instead of repeating all of
     them and keeps only its share of the state, and one gather per stack brings the updates back (like nanochat's
     DistMuon)."""
@@ -349,10 +336,12 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
                 raise ValueError(f"Muon only takes matrices, got shape {p.shape}")
         mom, s2 = {}, {}
         for key, idx in _buckets([p.shape for p in leaves]).items():
-            m, n = sorted(leaves[idx[0]].shape)
-            mom[key] = jnp.zeros((len(idx), m, n), jnp.float32)
+            shape = (len(idx),) + leaves[idx[0]].shape
+            mom[key] = jnp.zeros(shape, jnp.float32)
             if recipe == "2026":
-                s2[key] = jnp.zeros((len(idx), m, 1) if m == n else (len(idx), 1, n), jnp.float32)
+                red = list(shape)
+                red[_normuon_axis(shape)] = 1
+                s2[key] = jnp.zeros(tuple(red), jnp.float32)
         return MuonState(jnp.zeros((), jnp.int32), mom, s2 if recipe == "2026" else None)
 
     def update_fn(updates, state, params=None):
@@ -363,33 +352,24 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
         step = state.count
         scalars = (mom_fn(step), lr_fn(step), wd_fn(step))
 
-        def fn(g, buf, p, s2, flips, mom, lr, wd):
-            return _muon_bucket(g, buf, p, s2, flips, recipe=recipe, momentum=mom, lr=lr, wd=wd, beta2=beta2,
+        def fn(g, buf, p, s2, mom, lr, wd):
+            return _muon_bucket(g, buf, p, s2, recipe=recipe, momentum=mom, lr=lr, wd=wd, beta2=beta2,
                                 ns_steps=ns_steps, dtype=dtype)
 
-        flip = [_iterates_transposed(g.shape) for g in g_leaves]   # iterate on our matrix's transpose?
-        # XLA:CPU: the update stack is materialized, and each transposed slice copied out whole (a tiled
-        # transpose) before optax adds it to its weight: fused into that add, the transposed read strides
-        # across pages per element (the whole d8 optimizer update 5% faster, 4 of 5 paired runs)
-        copy_out = jax.lax.optimization_barrier if jax.default_backend() == "cpu" else (lambda x: x)
         out_u = [None] * len(g_leaves)
         new_m, new_s = {}, {}
         for key, idx in _buckets([g.shape for g in g_leaves]).items():
             buf = state.momentum[key]
             s2 = None if recipe == "2025" else state.second_moment[key]
-            m, n = buf.shape[-2:]
+            m, n = sorted(buf.shape[-2:])
             if n_split > 1 and m * m * n >= MIN_SPLIT_WORK:
-                u, buf, s2 = _split_over_devices(mesh, axes, idx, flip, g_leaves, p_leaves, buf, s2, scalars, fn)
+                u, buf, s2 = _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn)
             else:
-                u, buf, s2 = fn(_stack_wide(g_leaves, idx, flip, len(idx)),
-                                buf, None if p_leaves is None else _stack_wide(p_leaves, idx, flip, len(idx)), s2,
-                                [flip[i] for i in idx], *scalars)
+                u, buf, s2 = fn(_stack(g_leaves, idx, len(idx)),
+                                buf, None if p_leaves is None else _stack(p_leaves, idx, len(idx)), s2, *scalars)
             new_m[key], new_s[key] = buf, s2
-            u = copy_out(u)
             for k, i in enumerate(idx):
-                out_u[i] = _swap(u[k], flip[i]).astype(g_leaves[i].dtype)
-                if flip[i]:
-                    out_u[i] = copy_out(out_u[i])
+                out_u[i] = u[k].astype(g_leaves[i].dtype)
         new_state = MuonState(step + 1, new_m, None if recipe == "2025" else new_s)
         return treedef.unflatten(out_u), new_state
 

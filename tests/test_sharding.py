@@ -182,9 +182,9 @@ def test_muon_orthogonalisation_is_split_across_devices():
 @pytest.mark.parametrize("recipe", ["2025", "2026"])
 def test_split_muon_equals_one_device_muon(recipe):
     """Muon split over 8 devices gives the single-device updates and state over two steps: for a stack the devices
-    divide (5 c_fc-like + 3 c_proj-like matrices, mixed layouts within a device's share) its state is sharded, 1/8
-    per device; for one they do not (6 square matrices: two devices get none) it stays whole."""
-    shapes = [(64, 64)] * 6 + [(64, 256)] * 5 + [(256, 64)] * 3 + [(12, 2)] * 2
+    divide (8 c_fc-like matrices) its state is sharded, 1/8 per device; for ones they do not (6 square matrices:
+    two devices get none; 3 tall c_proj-like ones, iterated from the right) it stays whole."""
+    shapes = [(64, 64)] * 6 + [(64, 256)] * 8 + [(256, 64)] * 3 + [(12, 2)] * 2
     keys = jax.random.split(jax.random.PRNGKey(0), 3 * len(shapes))
     params = {f"w{i}": jax.random.normal(keys[i], s) * 0.05 for i, s in enumerate(shapes)}
     grads = [{f"w{i}": jax.random.normal(keys[(t + 1) * len(shapes) + i], s) for i, s in enumerate(shapes)}
@@ -205,3 +205,4 @@ def test_split_muon_equals_one_device_muon(recipe):
     wide = s8.momentum["muon_64x256"]
     assert wide.shape == (8, 64, 256) and wide.addressable_shards[0].data.shape == (1, 64, 256)
     assert s8.momentum["muon_64x64"].sharding.is_fully_replicated
+    assert s8.momentum["muon_256x64"].shape == (3, 256, 64) and s8.momentum["muon_256x64"].sharding.is_fully_replicated
