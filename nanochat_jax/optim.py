@@ -18,6 +18,7 @@ the updates back (like nanochat's DistMuon, which reduce-scatters, updates its o
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -211,25 +212,49 @@ def _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2):
     return -(lr_eff * u + lr_eff * wd * p * mask), s2
 
 
-def _muon_bucket(g, buf, p, s2, *, recipe, momentum, lr, wd, beta2, ns_steps, dtype):
-    """One Muon step on a stack of (k, in, out) matrices in our layout: `g` the gradients, `buf` the momentum, `p`
-    the weights and `s2` the NorMuon moments (2026), fp32; the iteration runs in `dtype`. Returns (update, new_buf,
-    new_s2)."""
+def _muon_matrices(g, p, s2, *, recipe, lr, wd, beta2, ns_steps, dtype):
+    """Muon's orthogonalized step on a stack of same-shape (k, in, out) matrices in our layout: `g` the
+    Nesterov-mixed gradients, `p` the weights and `s2` the NorMuon moments (2026, (k, in, 1) or (k, 1, out)), fp32;
+    the iteration runs in `dtype`. Returns (update, new_s2)."""
     n_in, n_out = g.shape[-2:]
-    buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
-    g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
     lr_eff = lr * math.sqrt(max(1.0, n_out / n_in))
     if recipe == "2025":
-        return -lr_eff * _ns_2025(g.astype(dtype), ns_steps).astype(jnp.float32), buf, None
+        return -lr_eff * _ns_2025(g.astype(dtype), ns_steps).astype(jnp.float32), None
     u = _polar_express(_muoneq_2026(g.astype(dtype)), ns_steps).astype(jnp.float32)
     u = u * (math.sqrt(min(n_in, n_out)) / jnp.maximum(_fro(u), 1e-6))   # Muon+: |X|_F = sqrt(min(rows, cols))
-    update, s2 = _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2)
-    return update, buf, s2
+    return _normuon_cautious_2026(u, s2, p, lr_eff, wd, beta2)
+
+
+def _s2_shape(shape) -> tuple[int, int]:
+    """NorMuon's factored moment of an (in, out) matrix: 1 along `_normuon_axis`."""
+    red = list(shape)
+    red[_normuon_axis(shape)] = 1
+    return tuple(red)
+
+
+def _muon_bucket(g, buf, p, s2, shapes, *, momentum, **kw):
+    """One Muon step on a bucket stacked flat: row j of `g` (gradients), `buf` (momentum) and `p` (weights) is a
+    matrix of shape shapes[j] raveled, and row j of `s2` its NorMuon moment raveled (2026), all fp32. Runs of
+    equal shapes are viewed as (k, in, out) stacks (free reshapes of contiguous rows). Returns (update, new_buf,
+    new_s2), flat like the inputs."""
+    buf = buf + (1 - momentum) * (g - buf)                      # lerp(buf, g, 1 - mom)
+    g = g + momentum * (buf - g)                                # Nesterov: lerp(g, buf, mom)
+    ups, s2s, start = [], [], 0
+    for shape, run in itertools.groupby(shapes):
+        n = len(list(run))
+        rows = slice(start, start + n)
+        start += n
+        u, v = _muon_matrices(g[rows].reshape((n,) + shape), None if p is None else p[rows].reshape((n,) + shape),
+                              None if s2 is None else s2[rows].reshape((n,) + _s2_shape(shape)), **kw)
+        ups.append(u.reshape(n, -1))
+        s2s.append(None if v is None else v.reshape(n, -1))
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)   # noqa: E731
+    return cat(ups), buf, (None if s2 is None else cat(s2s))
 
 
 def _stack(leaves, idx, pad_to):
-    """(pad_to, in, out) fp32 stack of leaves[idx] (not empty), zero matrices after them."""
-    parts = [leaves[i].astype(jnp.float32) for i in idx]
+    """(pad_to, numel) fp32 stack of leaves[idx] (not empty) raveled, zero rows after them."""
+    parts = [leaves[i].astype(jnp.float32).reshape(-1) for i in idx]
     return jnp.stack(parts + [jnp.zeros_like(parts[0])] * (pad_to - len(idx)))
 
 
@@ -240,22 +265,25 @@ def _pad_rows(x, start, stop, per):
 
 
 def _bucket_key(shape) -> str:
-    return f"muon_{shape[0]}x{shape[1]}"
+    m, n = sorted(shape)
+    return f"muon_{m}x{n}"
 
 
 def _buckets(shapes) -> dict[str, list[int]]:
-    """Leaf indices grouped by their (in, out) shape, in leaf order."""
-    out: dict[str, list[int]] = {}
+    """Leaf indices grouped by the shape nanochat iterates on (wide: (min, max)), so an MLP's c_fc (d, 4d) and
+    c_proj (4d, d) share a bucket; within one, grouped by their own shape (first seen first), then in leaf order."""
+    out: dict[str, dict[tuple, list[int]]] = {}
     for i, shape in enumerate(shapes):
-        out.setdefault(_bucket_key(shape), []).append(i)
-    return out
+        out.setdefault(_bucket_key(shape), {}).setdefault(tuple(shape), []).append(i)
+    return {key: [i for idx in by_shape.values() for i in idx] for key, by_shape in out.items()}
 
 
-def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn):
-    """`fn(g, buf, p, s2, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share
+def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn, offset: int = 0):
+    """`fn(g, buf, p, s2, shapes, *scalars)` on the bucket of matrices `idx`, each device taking a contiguous share
     of them. Gradients and weights are whole on every device (data parallel): a switch on the device index stacks
     only the device's own share. The momentum and NorMuon stacks (state) are sharded over `axes` when the devices
-    divide the bucket, so each device keeps only its share's (like nanochat's DistMuon), else whole.
+    divide the bucket, so each device keeps only its share's (like nanochat's DistMuon), else whole, and then the
+    shares start at device `offset` (so that small buckets land on different devices).
     Returns (update stack gathered whole on every device, new momentum stack, new s2 stack), unpadded."""
     from jax.sharding import PartitionSpec as P
     size = int(math.prod(mesh.shape[a] for a in axes))
@@ -263,12 +291,16 @@ def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, f
     per = -(-count // size)
     sharded = count % size == 0
     state_spec = P(axes) if sharded else P()
+    offset = 0 if sharded else offset % size
+    unrotate = lambda x: x if offset == 0 else jnp.roll(x, -offset * per, axis=0)   # noqa: E731
 
     def local(gs, ps, b, v, scal):
         d = jax.lax.axis_index(axes)
 
         def branch(k):   # device k's share: matrices idx[k*per : (k+1)*per], zero matrices to fill it
             share = idx[k * per:(k + 1) * per]
+            shapes = [gs[i].shape for i in share]
+            shapes += [shapes[-1] if shapes else gs[idx[-1]].shape] * (per - len(share))   # padding: zeros
 
             def own(stack):   # this device's rows of a state stack
                 if stack is None or sharded:
@@ -280,12 +312,12 @@ def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, f
             else:
                 g_k = jnp.zeros((per,) + b.shape[1:], jnp.float32)
                 p_k = None if ps is None else g_k
-            return fn(g_k, own(b), p_k, own(v), *scal)
-        u, b, v = jax.lax.switch(d, [lambda k=k: branch(k) for k in range(size)])
-        u = jax.lax.all_gather(u, axes, tiled=True)
+            return fn(g_k, own(b), p_k, own(v), shapes, *scal)
+        u, b, v = jax.lax.switch((d - offset) % size, [lambda k=k: branch(k) for k in range(size)])
+        u = unrotate(jax.lax.all_gather(u, axes, tiled=True))
         if not sharded:
-            b = jax.lax.all_gather(b, axes, tiled=True)
-            v = None if v is None else jax.lax.all_gather(v, axes, tiled=True)
+            b = unrotate(jax.lax.all_gather(b, axes, tiled=True))
+            v = None if v is None else unrotate(jax.lax.all_gather(v, axes, tiled=True))
         return u, b, v
 
     u, b, v = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), state_spec, state_spec, P()),
@@ -298,11 +330,12 @@ def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, f
 # Muon as an optax GradientTransformation
 
 class MuonState(NamedTuple):
-    """Muon's state, per bucket of matrices with the same (in, out) shape (`_buckets`), in our layout: key
-    'muon_{in}x{out}' -> stack in leaf order. Stacked state shards over the devices' shares of each bucket."""
+    """Muon's state, per bucket of matrices with the same wide shape (`_buckets`): key 'muon_{m}x{n}' -> a stack,
+    one row per matrix (in `_buckets` order) raveled in our (in, out) layout. Stacked state shards over the
+    devices' shares of each bucket."""
     count: jax.Array            # int32 step counter (0-based step of the next update)
-    momentum: Any               # {key: (k, in, out)} momentum buffers
-    second_moment: Any          # {key: (k, 1, out) or (k, in, 1) (`_normuon_axis`)}: NorMuon's factored moments; None in 2025
+    momentum: Any               # {key: (k, m*n)} momentum buffers
+    second_moment: Any          # {key: (k, n or m)}: NorMuon's factored moments (`_s2_shape`) raveled; None in 2025
 
 
 def _as_schedule(x):
@@ -314,10 +347,11 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
     """Muon over a pytree of 2-D matrices (JAX (in, out) layout). lr / momentum / weight_decay: floats or
     functions of the 0-based step.
 
-    Matrices of the same (in, out) shape are stacked (the attention projections of all layers in one (4L, d, d)
-    stack, the MLPs' c_fc and c_proj in one each) and kept in our layout: where nanochat iterates on the transpose,
-    the same polynomial runs from the right (`_iterate`) and its reductions follow the axes, so no matrix is ever
-    copied transposed; the state is kept in these stacks. With a mesh, each stack is split over the `shard_axis` mesh axes (all devices by default) for
+    Matrices of the same wide shape are stacked, raveled in our layout (the attention projections of all layers in
+    one (4L, d*d) stack, the MLPs' c_fc and c_proj in one (2L, 4d*d)): runs of the same (in, out) shape are viewed
+    as (k, in, out) stacks; where nanochat iterates on the transpose, the same polynomial runs from the right
+    (`_iterate`) and its reductions follow the axes, so no matrix is ever copied transposed. The state is kept in
+    these stacks. With a mesh, each stack is split over the `shard_axis` mesh axes (all devices by default) for
     the whole step, momentum to weight decay: each device does its share of the matrices instead of repeating all of
     them and keeps only its share of the state, and one gather per stack brings the updates back (like nanochat's
     DistMuon)."""
@@ -336,12 +370,10 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
                 raise ValueError(f"Muon only takes matrices, got shape {p.shape}")
         mom, s2 = {}, {}
         for key, idx in _buckets([p.shape for p in leaves]).items():
-            shape = (len(idx),) + leaves[idx[0]].shape
-            mom[key] = jnp.zeros(shape, jnp.float32)
-            if recipe == "2026":
-                red = list(shape)
-                red[_normuon_axis(shape)] = 1
-                s2[key] = jnp.zeros(tuple(red), jnp.float32)
+            shape = leaves[idx[0]].shape
+            mom[key] = jnp.zeros((len(idx), math.prod(shape)), jnp.float32)
+            if recipe == "2026":   # the same size for all in a bucket: the long dim, or a square's side
+                s2[key] = jnp.zeros((len(idx), math.prod(_s2_shape(shape))), jnp.float32)
         return MuonState(jnp.zeros((), jnp.int32), mom, s2 if recipe == "2026" else None)
 
     def update_fn(updates, state, params=None):
@@ -352,24 +384,29 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
         step = state.count
         scalars = (mom_fn(step), lr_fn(step), wd_fn(step))
 
-        def fn(g, buf, p, s2, mom, lr, wd):
-            return _muon_bucket(g, buf, p, s2, recipe=recipe, momentum=mom, lr=lr, wd=wd, beta2=beta2,
+        def fn(g, buf, p, s2, shapes, mom, lr, wd):
+            return _muon_bucket(g, buf, p, s2, shapes, recipe=recipe, momentum=mom, lr=lr, wd=wd, beta2=beta2,
                                 ns_steps=ns_steps, dtype=dtype)
 
         out_u = [None] * len(g_leaves)
         new_m, new_s = {}, {}
+        offset = 0   # the device where the next bucket's shares start
         for key, idx in _buckets([g.shape for g in g_leaves]).items():
             buf = state.momentum[key]
             s2 = None if recipe == "2025" else state.second_moment[key]
-            m, n = sorted(buf.shape[-2:])
+            m, n = sorted(g_leaves[idx[0]].shape)
             if n_split > 1 and m * m * n >= MIN_SPLIT_WORK:
-                u, buf, s2 = _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn)
+                u, buf, s2 = _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn,
+                                                 offset)
+                per = -(-len(idx) // n_split)
+                offset += -(-len(idx) // per)   # the devices this bucket used
             else:
                 u, buf, s2 = fn(_stack(g_leaves, idx, len(idx)),
-                                buf, None if p_leaves is None else _stack(p_leaves, idx, len(idx)), s2, *scalars)
+                                buf, None if p_leaves is None else _stack(p_leaves, idx, len(idx)), s2,
+                                [g_leaves[i].shape for i in idx], *scalars)
             new_m[key], new_s[key] = buf, s2
             for k, i in enumerate(idx):
-                out_u[i] = u[k].astype(g_leaves[i].dtype)
+                out_u[i] = u[k].reshape(g_leaves[i].shape).astype(g_leaves[i].dtype)
         new_state = MuonState(step + 1, new_m, None if recipe == "2025" else new_s)
         return treedef.unflatten(out_u), new_state
 

@@ -154,12 +154,11 @@ def test_muon_state_shapes_and_tall_wide_scaling():
     # 2025 with momentum 0 (no Nesterov mix): u = -lr * sqrt(max(1, out/in)) * NS(g); NS(g) has |.|_F ~ sqrt(16)
     ratio = float(jnp.linalg.norm(u["wide"]) / jnp.linalg.norm(u["tall"]))
     assert 1.7 < ratio < 2.3   # sqrt(64/16) = 2, up to the NS band
-    # the state is stacked per (in, out) shape in our layout; the factored moment of a non-square matrix spans its
-    # long dim, of a square one nanochat's rows (our columns)
+    # the state is stacked per wide shape (tall and wide share one), a row per matrix raveled; the factored moment
+    # of a non-square matrix spans its long dim, of a square one nanochat's rows (our columns)
     s26 = optim.muon(0.02, recipe="2026", dtype=jnp.float32).init(dict(params, sq=jnp.ones((32, 32))))
-    assert s26.momentum["muon_16x64"].shape == (1, 16, 64) and s26.momentum["muon_64x16"].shape == (1, 64, 16)
-    assert s26.second_moment["muon_16x64"].shape == (1, 1, 64) and s26.second_moment["muon_64x16"].shape == (1, 64, 1)
-    assert s26.second_moment["muon_32x32"].shape == (1, 1, 32)
+    assert s26.momentum["muon_16x64"].shape == (2, 16 * 64) and s26.momentum["muon_32x32"].shape == (1, 32 * 32)
+    assert s26.second_moment["muon_16x64"].shape == (2, 64) and s26.second_moment["muon_32x32"].shape == (1, 32)
 
 
 # ---------------------------------------------------------------------------------------------------------------

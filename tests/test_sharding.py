@@ -182,9 +182,11 @@ def test_muon_orthogonalisation_is_split_across_devices():
 @pytest.mark.parametrize("recipe", ["2025", "2026"])
 def test_split_muon_equals_one_device_muon(recipe):
     """Muon split over 8 devices gives the single-device updates and state over two steps: for a stack the devices
-    divide (8 c_fc-like matrices) its state is sharded, 1/8 per device; for ones they do not (6 square matrices:
-    two devices get none; 3 tall c_proj-like ones, iterated from the right) it stays whole."""
-    shapes = [(64, 64)] * 6 + [(64, 256)] * 8 + [(256, 64)] * 3 + [(12, 2)] * 2
+    divide (9 c_fc-like + 7 c_proj-like matrices, iterated from the left and the right, device 4 getting one of
+    each) its state is sharded, 1/8 per device; for one they do not (6 square matrices on devices 0-5) it stays
+    whole, and the next such bucket starts at device 6 (3 of them: devices 6, 7 and 0)."""
+    shapes = ([(64, 64)] * 6 + [(64, 256)] * 5 + [(256, 64)] * 4 + [(64, 256)] * 4 + [(256, 64)] * 3 + [(12, 2)] * 2
+              + [(64, 128)] * 3)
     keys = jax.random.split(jax.random.PRNGKey(0), 3 * len(shapes))
     params = {f"w{i}": jax.random.normal(keys[i], s) * 0.05 for i, s in enumerate(shapes)}
     grads = [{f"w{i}": jax.random.normal(keys[(t + 1) * len(shapes) + i], s) for i, s in enumerate(shapes)}
@@ -203,6 +205,6 @@ def test_split_muon_equals_one_device_muon(recipe):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1e-30)
     wide = s8.momentum["muon_64x256"]
-    assert wide.shape == (8, 64, 256) and wide.addressable_shards[0].data.shape == (1, 64, 256)
+    assert wide.shape == (16, 64 * 256) and wide.addressable_shards[0].data.shape == (2, 64 * 256)
     assert s8.momentum["muon_64x64"].sharding.is_fully_replicated
-    assert s8.momentum["muon_256x64"].shape == (3, 256, 64) and s8.momentum["muon_256x64"].sharding.is_fully_replicated
+    assert s8.momentum["muon_64x128"].shape == (3, 64 * 128) and s8.momentum["muon_64x128"].sharding.is_fully_replicated
