@@ -91,9 +91,11 @@ def muon_fn(config, blocks, mesh, mode="dp", split_muon=True):
 
 
 def bench_depth(depth, seq, batch, steps, dot_rate, peak, accum=1, vocab=None):
-    """One depth's row. `dot_rate()` measures the reference matmul: once just before and once just after the timed
-    steps, so that the ratio compares the two under the same machine conditions (a shared VM drifts)."""
+    """One depth's row. `dot_rate()` measures the reference matmul: once before the first timed step and again
+    after each one, so that the ratio compares the two under the same machine conditions (a shared VM's matmul
+    rate drifts by 10% within a minute); the row takes the median of each."""
     import jax
+    import numpy as np
     from nanochat_jax.config import flops_per_token
     config, state, step, data, _ = build(depth, seq, batch, accum=accum, vocab=vocab)
     holder = {"state": state}
@@ -101,10 +103,15 @@ def bench_depth(depth, seq, batch, steps, dot_rate, peak, accum=1, vocab=None):
     def run(d):
         holder["state"], m = step(holder["state"], d)
         return m["loss"]
-    jax.block_until_ready(run(data))   # compile and warm up before the first reference
-    ref_before = dot_rate()
-    dt = timeit(run, data, steps=steps, warmup=1)
-    ref = (ref_before + dot_rate()) / 2
+    for _ in range(2):                 # compile and warm up before the first reference
+        jax.block_until_ready(run(data))
+    refs, times = [dot_rate()], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(data))
+        times.append(time.perf_counter() - t0)
+        refs.append(dot_rate())
+    dt, ref = float(np.median(times)), float(np.median(refs))
     tok_s = accum * batch * seq / dt
     flops = flops_per_token(config) * tok_s
     row = dict(depth=depth, width=config.n_embd, tokens_per_step=accum * batch * seq, step_ms=dt * 1e3, tok_s=tok_s,
@@ -165,7 +172,7 @@ def main(argv=None):
     dot_rate = matmul_rate(dtype, n, steps=15)
     peak = peak_flops(dev) if on_gpu else None
     print0(f"device {dev.device_kind} x{jax.device_count()} | compute {dtype.name} | jax {jax.__version__}")
-    print0(f"reference: {n}x{n} jnp.dot in {dtype.name}: {dot_rate / 1e9:,.1f} GFLOP/s (and again around each row)"
+    print0(f"reference: {n}x{n} jnp.dot in {dtype.name}: {dot_rate / 1e9:,.1f} GFLOP/s (and again between the timed steps of each row)"
            + (f" ({dot_rate / peak:.0%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak)" if peak else ""))
     print0(f"train step: seq {args.seq}, {args.accum} x {args.batch} rows per step (accumulated in the jit)")
     print0(f"{'depth':>5} {'width':>5} {'tok/step':>8} {'step ms':>9} {'tok/s':>10} {'model GFLOP/s':>14} "
