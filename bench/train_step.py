@@ -172,8 +172,9 @@ def main(argv=None):
     dot_rate = matmul_rate(dtype, n, steps=15)
     peak = peak_flops(dev) if on_gpu else None
     print0(f"device {dev.device_kind} x{jax.device_count()} | compute {dtype.name} | jax {jax.__version__}")
-    print0(f"reference: {n}x{n} jnp.dot in {dtype.name}: {dot_rate / 1e9:,.1f} GFLOP/s (and again between the timed steps of each row)"
-           + (f" ({dot_rate / peak:.0%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak)" if peak else ""))
+    print0(f"reference: {n}x{n} jnp.dot in {dtype.name}: {dot_rate / 1e9:,.1f} GFLOP/s"
+           + (f" ({dot_rate / peak:.0%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak)" if peak else "")
+           + " (and again after each timed step of every row)")
     print0(f"train step: seq {args.seq}, {args.accum} x {args.batch} rows per step (accumulated in the jit)")
     print0(f"{'depth':>5} {'width':>5} {'tok/step':>8} {'step ms':>9} {'tok/s':>10} {'model GFLOP/s':>14} "
            f"{'ref GFLOP/s':>11} {'vs matmul':>9}" + (f" {'MFU':>6}" if peak else ""))

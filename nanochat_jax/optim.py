@@ -9,8 +9,9 @@ Two recipes (nanochat's 2025 original and its 2026 head, `fixtures/nanochat_ref/
 Layout: our weights are JAX (in, out); nanochat's "rows" are the output dim = our LAST axis, "cols" = axis -2.
 
 `build_optimizer(params, config, opt_cfg, num_steps, mesh=None)` -> optax.GradientTransformation (multi_transform over
-`param_labels(params)`). Muon works on stacks of the matrices that nanochat iterates on with the same shape (c_fc and
-c_proj together), and keeps its state in those stacks. With a mesh, each stack is split over all devices: each
+`param_labels(params)`). Muon works on stacks of the matrices that nanochat iterates on with the same (wide) shape,
+c_fc and c_proj together, each kept in our layout (a tall one iterates from the right, the transpose of nanochat's
+form), and keeps its state in those stacks. With a mesh, each stack is split over all devices: each
 device runs the whole Muon step for its share of the matrices and keeps only their state, and one gather brings
 the updates back (like nanochat's DistMuon, which reduce-scatters, updates its own params and all-gathers).
 """
@@ -130,8 +131,9 @@ def muon_weight_decay(opt_cfg: OptConfig, num_steps: int) -> Callable:
 def _iterate(W, coeffs, right: bool = False):
     """The iteration on nanochat's wide matrix X (m <= n): A = X X^T, X = (aI + bA + cA^2) X. With `right`, W is
     a tall X^T in our layout and the same polynomial runs from the right: A = W^T W, W = W (aI + bA + cA^2), which
-    is exactly the transpose of the left form (A is symmetric), so no transposed copy of W is ever made. nanochat writes the last step as aX + (bA + cA^2) X; folding a into the small m x m matrix is the same
-    polynomial without a pass over the large X (and XLA:CPU runs the folded form at full speed)."""
+    is exactly the transpose of the left form (A is symmetric), so no transposed copy of W is ever made. nanochat
+    writes the last step as aX + (bA + cA^2) X; folding a into the small m x m matrix is the same polynomial
+    without a pass over the large X (and XLA:CPU runs the folded form at full speed)."""
     k = W.shape[-1] if right else W.shape[-2]
     eye = jnp.eye(k, dtype=W.dtype)
     for a, b, c in coeffs:
