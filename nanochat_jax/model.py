@@ -422,8 +422,9 @@ def _softcap_xent_bwd(vocab_size, res, g):
     z, targets, lse = res
     col, valid, tgt = _softcap_xent_parts(z, targets, vocab_size)
     g = jnp.where(valid, g, 0.0)
-    # The per-row values and the cap behind a barrier: XLA:CPU otherwise recomputes the row terms for every element
-    # of the (tokens, V) fusion, and shares one materialized broadcast of 15 between this fusion and the forward's.
+    # The cap (with the row terms) behind a barrier: without it XLA:CPU merges this 15 with the forward's and writes
+    # that broadcast out as a whole (tokens, V) array. (On XLA:CPU a barrier keeps values apart through CSE and
+    # algebraic rewrites, not through fusion.)
     g, lse, cap = jax.lax.optimization_barrier((g, lse, jnp.float32(SOFTCAP)))
     t = jnp.tanh(z / SOFTCAP)
     p = jnp.exp(t * cap - lse[..., None])
