@@ -129,6 +129,28 @@ def test_restore_state_with_different_layout_is_user_error(tmp_path):
     mngr.close()
 
 
+def test_restore_state_with_same_leaves_of_other_shapes_is_user_error(tmp_path):
+    """Same leaf paths, other shapes (e.g. optimizer state laid out by another version): a one-line UserError,
+    from the recorded shapes, and from Orbax's own check for a checkpoint that recorded none."""
+    opt = {"mu": jnp.ones((4, 6)), "nu": jnp.ones((3,))}
+    state = {"params": {"w": jnp.ones((2, 3))}, "opt": opt}
+    other = {"params": {"w": jnp.ones((2, 3))}, "opt": dict(opt, mu=jnp.ones((24,)))}
+    mngr = ck.CheckpointManager(tmp_path / "run", async_save=False)
+    mngr.save(1, state)
+    with pytest.raises(UserError, match=r"\['mu'\] of shape \(4, 6\), this code wants \(24,\)"):
+        mngr.restore(other)
+    mngr.close()
+    meta_file = tmp_path / "run" / "1" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta.pop("train_state_shapes")
+    meta_file.write_text(json.dumps(meta))                    # as written before the shapes were recorded
+    mngr = ck.CheckpointManager(tmp_path / "run", async_save=False)
+    with pytest.raises(UserError, match="does not fit this train state"):
+        mngr.restore(other)
+    mngr.restore(state)                                       # the right shapes still restore
+    mngr.close()
+
+
 def test_fsdp_checkpoint_restores_on_one_device_and_on_data4_model2(tmp_path):
     assert jax.device_count() == 8
     state = make_state(make_params())
