@@ -176,7 +176,6 @@ class CheckpointManager:
         meta.setdefault("step", step)
         meta["format"] = FORMAT
         meta["train_state_leaves"] = paths
-        meta["train_state_shapes"] = [list(x.shape) for x in flat.values()]
         if self.tokenizer is not None:
             meta.setdefault("tokenizer_fingerprint", self.tokenizer.fingerprint())
             self._write_tokenizer()
@@ -231,6 +230,14 @@ class CheckpointManager:
         step = self._step(step)
         return dict(self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
+    def _stored_shapes(self, step: int) -> dict[str, tuple]:
+        """The shapes of the train-state arrays saved at `step`, from Orbax's own metadata ({} where it has none)."""
+        try:
+            tree = self._mngr.item_metadata(step)["train_state"].tree
+            return {k: tuple(v.shape) for k, v in tree.items()}
+        except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError):
+            return {}
+
     def restore(self, target_state, step: int | None = None):
         """Restore (state, loader_state, meta) of `step` (default: the newest) onto `target_state`'s shardings.
 
@@ -247,22 +254,15 @@ class CheckpointManager:
         if saved is not None and saved != paths:
             raise UserError(f"checkpoint {self.directory}/{step} holds a different train state layout "
                             f"({len(saved)} leaves, expected {len(paths)}): optimizer or config changed?")
-        shapes = meta.get("train_state_shapes")
-        wanted = [list(x.shape) for x in flat_t.values()]
-        if shapes is not None and shapes != wanted:
-            path, have, want = next((p, a, b) for p, a, b in zip(paths, shapes, wanted) if a != b)
-            raise UserError(f"checkpoint {self.directory}/{step} holds {path} of shape {tuple(have)}, this code "
-                            f"wants {tuple(want)}: written by another optimizer or config")
+        stored = self._stored_shapes(step) if flat_t else {}
+        for (key, x), path in zip(flat_t.items(), paths):
+            if key in stored and stored[key] != tuple(x.shape):
+                raise UserError(f"checkpoint {self.directory}/{step} holds {path} of shape {stored[key]}, this code "
+                                f"wants {tuple(x.shape)}: written by another version, optimizer or config")
         items = {"params": ocp.args.StandardRestore(params_t), "loader": ocp.args.JsonRestore()}
         if flat_t:
             items["train_state"] = ocp.args.StandardRestore(flat_t)
-        try:
-            r = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as e:   # checkpoints written before the shapes were recorded
-            if "stored shape" not in str(e):
-                raise
-            raise UserError(f"checkpoint {self.directory}/{step} does not fit this train state (written by another "
-                            f"version or config?): {str(e).split('. ')[0]}") from None
+        r = self._mngr.restore(step, args=ocp.args.Composite(**items))
         rest = jax.tree_util.tree_unflatten(treedef, [r.train_state[k] for k in sorted(flat_t)]) if flat_t else rest_t
         loader_state = r.loader if r.loader else None
         return _join_state(rest, r.params), loader_state, meta

@@ -1,6 +1,5 @@
 """checkpoint.py: Orbax save/restore of a train state (also across meshes), atomic saves, resume rules, exports."""
 
-import gc
 import json
 import os
 import signal
@@ -130,11 +129,9 @@ def test_restore_state_with_different_layout_is_user_error(tmp_path):
     mngr.close()
 
 
-# Orbax abandons the other arrays' reads when its shape check raises; their coroutines are collected unawaited
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_restore_state_with_same_leaves_of_other_shapes_is_user_error(tmp_path):
-    """Same leaf paths, other shapes (e.g. optimizer state laid out by another version): a one-line UserError,
-    from the recorded shapes, and from Orbax's own check for a checkpoint that recorded none."""
+    """Same leaf paths, other shapes (e.g. optimizer state laid out by another version): a one-line UserError from
+    the shapes in the checkpoint's own metadata, before any array is read; the right shapes still restore."""
     opt = {"mu": jnp.ones((4, 6)), "nu": jnp.ones((3,))}
     state = {"params": {"w": jnp.ones((2, 3))}, "opt": opt}
     other = {"params": {"w": jnp.ones((2, 3))}, "opt": dict(opt, mu=jnp.ones((24,)))}
@@ -142,16 +139,8 @@ def test_restore_state_with_same_leaves_of_other_shapes_is_user_error(tmp_path):
     mngr.save(1, state)
     with pytest.raises(UserError, match=r"\['mu'\] of shape \(4, 6\), this code wants \(24,\)"):
         mngr.restore(other)
-    mngr.close()
-    meta_file = tmp_path / "run" / "1" / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text())
-    meta.pop("train_state_shapes")
-    meta_file.write_text(json.dumps(meta))                    # as written before the shapes were recorded
-    mngr = ck.CheckpointManager(tmp_path / "run", async_save=False)
-    with pytest.raises(UserError, match="does not fit this train state"):
-        mngr.restore(other)
-    gc.collect()                                              # Orbax's abandoned reads: collected here, not later
-    mngr.restore(state)                                       # the right shapes still restore
+    restored, _, _ = mngr.restore(state)
+    np.testing.assert_array_equal(restored["opt"]["mu"], opt["mu"])
     mngr.close()
 
 
