@@ -286,15 +286,16 @@ def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, f
     only the device's own share. The momentum and NorMuon stacks (state) are sharded over `axes` when the devices
     divide the bucket, so each device keeps only its share's (like nanochat's DistMuon), else whole, and then the
     shares start at device `offset` (so that small buckets land on different devices).
-    Returns (update stack gathered whole on every device, new momentum stack, new s2 stack), unpadded."""
+    Returns (update stack gathered whole on every device, new momentum stack, new s2 stack), unpadded, and the
+    device where the next bucket's shares start."""
     from jax.sharding import PartitionSpec as P
     size = int(math.prod(mesh.shape[a] for a in axes))
     count = len(idx)
     per = -(-count // size)
     sharded = count % size == 0
     state_spec = P(axes) if sharded else P()
-    offset = 0 if sharded else offset % size
-    unrotate = lambda x: x if offset == 0 else jnp.roll(x, -offset * per, axis=0)   # noqa: E731
+    first = 0 if sharded else offset % size   # the device of the first share
+    unrotate = lambda x: x if first == 0 else jnp.roll(x, -first * per, axis=0)   # noqa: E731
 
     def local(gs, ps, b, v, scal):
         d = jax.lax.axis_index(axes)
@@ -315,7 +316,7 @@ def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, f
                 g_k = jnp.zeros((per,) + b.shape[1:], jnp.float32)
                 p_k = None if ps is None else g_k
             return fn(g_k, own(b), p_k, own(v), shapes, *scal)
-        u, b, v = jax.lax.switch((d - offset) % size, [lambda k=k: branch(k) for k in range(size)])
+        u, b, v = jax.lax.switch((d - first) % size, [lambda k=k: branch(k) for k in range(size)])
         u = unrotate(jax.lax.all_gather(u, axes, tiled=True))
         if not sharded:
             b = unrotate(jax.lax.all_gather(b, axes, tiled=True))
@@ -325,7 +326,8 @@ def _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, f
     u, b, v = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), state_spec, state_spec, P()),
                             out_specs=(P(), state_spec, state_spec), check_vma=False)(
         g_leaves, p_leaves, buf, s2, scalars)
-    return u[:count], b[:count], (None if v is None else v[:count])
+    used = -(-count // per)   # devices that got matrices
+    return u[:count], b[:count], (None if v is None else v[:count]), offset + used
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,10 +400,8 @@ def muon(lr, momentum=0.95, weight_decay=0.0, *, recipe: str = "2026", beta2: fl
             s2 = None if recipe == "2025" else state.second_moment[key]
             m, n = sorted(g_leaves[idx[0]].shape)
             if n_split > 1 and m * m * n >= MIN_SPLIT_WORK:
-                u, buf, s2 = _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn,
-                                                 offset)
-                per = -(-len(idx) // n_split)
-                offset += -(-len(idx) // per)   # the devices this bucket used
+                u, buf, s2, offset = _split_over_devices(mesh, axes, idx, g_leaves, p_leaves, buf, s2, scalars, fn,
+                                                         offset)
             else:
                 u, buf, s2 = fn(_stack(g_leaves, idx, len(idx)),
                                 buf, None if p_leaves is None else _stack(p_leaves, idx, len(idx)), s2,
