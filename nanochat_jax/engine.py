@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import jax
@@ -34,6 +35,10 @@ from nanochat_jax.common import compute_dtype
 from nanochat_jax.execution import calculator
 
 MIN_BUCKET = 16  # smallest prefill length: shorter prompts share one compiled prefill
+DECODE_CHUNK = 64        # most decode steps in one device call (the chunk's output buffer is (B, DECODE_CHUNK))
+STREAM_SECONDS = 0.02    # a streamed chunk's target duration: tokens reach the client at least every ~20 ms
+FIRST_STREAM_CHUNK = 4   # a stream's first chunk, before its step time is known
+STOP_SLOTS = 4           # room for the stop tokens in the chunk's stop array
 
 
 def prompt_buckets(max_len: int, smallest: int = MIN_BUCKET) -> tuple[int, ...]:
@@ -73,9 +78,14 @@ def sample_logits(logits, keys, pos, temperature, top_k, top_p, filtered: bool):
         n_keep = jnp.maximum(keep.sum(axis=-1), 1)
         threshold = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)      # (B, 1)
         scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-    step_keys = jax.vmap(jax.random.fold_in)(keys, pos)
-    sampled = jax.vmap(jax.random.categorical)(step_keys, scaled)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    def draw():
+        step_keys = jax.vmap(jax.random.fold_in)(keys, pos)
+        sampled = jax.vmap(jax.random.categorical)(step_keys, scaled)
+        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+    # the Gumbel draw over (B, V) costs as much as a small model's step: skipped when every row is greedy
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +254,48 @@ class Engine:
             nxt = sample_logits(logits, keys, pos + 1, temperature, top_k, top_p, filtered)
             return nxt, logits, cache
 
+        def chunk(params, cache, tokens, pos, budget, in_python, keys, temperature, top_k, top_p, stop, python, n_steps,
+                  exit_on_pause, filtered):
+            """Up to n_steps decode steps on device, each feeding every live row's last token back in.
+
+            tokens, pos (B,): each row's token to feed and its position; budget (B,) int32: how many tokens the row
+            may still take (0: the row sits this chunk out); in_python (B,) bool: the row is inside a tool call;
+            stop (P,) int32: the stop tokens (-1 pads); python (2,) int32: <|python_start|>, <|python_end|>. A row pauses where the host must act: after a stop token,
+            after <|python_end|> closing a tool call (the tool's output is forced in next), or when its budget is
+            spent. A paused row feeds its last token at its last position again, rewriting the same cache entry,
+            until the chunk ends. The chunk ends after n_steps (traced, <= DECODE_CHUNK), when no row is live,
+            or, with exit_on_pause, as soon as any row pauses (so the host can free and refill it).
+            -> (out (B, DECODE_CHUNK) int32: row b's new tokens in out[b, :count[b]], count (B,), cache)."""
+            B = tokens.shape[0]
+            out = jnp.zeros((B, DECODE_CHUNK), jnp.int32)
+            live0 = budget > 0
+
+            def cond(c):
+                i, _, _, _, _, live, _, _ = c
+                paused = jnp.any(live0 & ~live)
+                return (i < n_steps) & jnp.any(live) & ~(exit_on_pause & paused)
+
+            def body(c):
+                i, cache, tok, pos, count, live, in_py, out = c
+                logits, cache = model.forward_cached(params, tok[:, None], cache, pos, config)
+                nxt = sample_logits(logits[:, -1, :config.vocab_size], keys, pos + 1, temperature, top_k, top_p,
+                                    filtered)
+                nxt = jnp.where(live, nxt, tok)
+                out = out.at[:, i].set(nxt)
+                step = live.astype(jnp.int32)
+                count, pos = count + step, pos + step
+                tool_call = in_py & (nxt == python[1])
+                in_py = (in_py | (nxt == python[0])) & ~tool_call
+                halt = jnp.any(nxt[:, None] == stop[None, :], axis=1) | tool_call | (count >= budget)
+                return i + 1, cache, nxt, pos, count, live & ~halt, in_py, out
+
+            zero = jnp.zeros((B,), jnp.int32)
+            _, cache, _, _, count, _, _, out = jax.lax.while_loop(
+                cond, body, (jnp.int32(0), cache, tokens, pos, zero, live0, in_python, out))
+            return out, count, cache
+
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
+        self._chunk = jax.jit(chunk, static_argnames=("filtered",), donate_argnums=(1,))
         self._admit = jax.jit(admit, static_argnames=("filtered",), donate_argnums=(0,))
         self._step = jax.jit(step, static_argnames=("filtered",), donate_argnums=(1,))
         self._new_cache = jax.jit(lambda batch: model.init_cache(config, batch, self.max_len, self.dtype),
@@ -252,7 +303,7 @@ class Engine:
 
     def compiled_count(self) -> int:
         """How many executables the engine's jitted functions hold (for tests that check nothing recompiles)."""
-        return sum(f._cache_size() for f in (self._prefill, self._admit, self._step, self._new_cache))
+        return sum(f._cache_size() for f in (self._prefill, self._admit, self._step, self._chunk, self._new_cache))
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -337,7 +388,7 @@ class Engine:
                     if tok is None:  # done (an incomplete UTF-8 tail, if any, is dropped)
                         return
                     yield tok, text.push(tok)
-                batch.step()
+                batch.step(batch.steps_within(STREAM_SECONDS))
         finally:
             req.cancel()
 
@@ -383,8 +434,8 @@ class Engine:
         while waiting or batch.active:
             while waiting and waiting[0].num_samples <= batch.free_rows:
                 batch.admit(waiting.popleft())
-            if batch.active:
-                batch.step()
+            if batch.active:   # whole chunks; with requests waiting, back as soon as a row frees up
+                batch.step(DECODE_CHUNK, exit_on_pause=bool(waiting))
 
     def _tool_output(self, expr_tokens: list[int]) -> list[int]:
         """Run the tool on the decoded expression; its result (or error, as text) as forced tokens."""
@@ -412,6 +463,8 @@ class _DecodeBatch:
         self.top_p = np.ones(batch_size, np.float32)
         self.logits_hook = logits_hook  # f(logits (B, V), rows) after each step (tests)
         self.steps = 0
+        self.emitted = 0                             # tokens accepted into rows, over the batch's life
+        self.seconds_per_step: float | None = None   # measured by the last chunk
 
     @property
     def free_rows(self) -> int:
@@ -456,13 +509,54 @@ class _DecodeBatch:
             self._accept(b, int(first[b]))
         return free
 
-    def step(self):
-        """One decode step for every row (free rows compute too, on dummy input, and are ignored)."""
+    def step(self, max_steps: int = 1, exit_on_pause: bool = False):
+        """Decode up to `max_steps` tokens for every row in one device call (free rows compute too, on dummy input,
+        and are ignored). More than one step runs as a device-side chunk (Engine._chunk) that stops early where
+        the host must act; a row with forced tokens queued (a tool's output), or a logits hook, takes single steps.
+        Returns the number of device steps run."""
         for b, r in enumerate(self.rows):
             if r is not None and r.req.cancelled:
                 self._free(b, "cancelled")
         if not self.active:
-            return
+            return 0
+        if max_steps > 1 and self.logits_hook is None and not any(r is not None and r.forced for r in self.rows):
+            return self._chunk(min(max_steps, DECODE_CHUNK), exit_on_pause)
+        self._single_step()
+        return 1
+
+    def _chunk(self, n: int, exit_on_pause: bool) -> int:
+        e = self.e
+        budget = np.zeros(self.B, np.int32)
+        in_python = np.zeros(self.B, bool)
+        for b, r in enumerate(self.rows):
+            if r is not None:   # the same limits as _accept: max_tokens, and the context's last position
+                budget[b] = max(0, min(r.req.sampling.max_tokens - r.n_generated, e.max_len - 1 - r.pos))
+                in_python[b] = r.in_python
+        stop = np.full(STOP_SLOTS, -1, np.int32)
+        stop[:len(e.stop_tokens)] = sorted(e.stop_tokens)
+        python = np.array([e.python_start, e.python_end], np.int32)
+        t0 = time.perf_counter()
+        out, count, self.cache = e._chunk(e.params, self.cache, self.tokens, self.pos, budget, in_python, self.keys,
+                                          self.temperature, self.top_k, self.top_p, stop, python, np.int32(n),
+                                          np.bool_(exit_on_pause), filtered=self._filtered())
+        out, count = np.asarray(out), np.asarray(count)
+        steps = int(count.max())
+        if steps:
+            self.seconds_per_step = (time.perf_counter() - t0) / steps
+        self.steps += steps
+        for b, r in enumerate(self.rows):
+            for tok in out[b, :count[b]]:
+                r.pos += 1
+                self._accept(b, int(tok))
+        return steps
+
+    def steps_within(self, seconds: float) -> int:
+        """How many decode steps fit in `seconds` at the measured rate (at least 1): a streaming chunk's size."""
+        if self.seconds_per_step is None:
+            return FIRST_STREAM_CHUNK
+        return max(1, min(DECODE_CHUNK, int(seconds / self.seconds_per_step)))
+
+    def _single_step(self):
         nxt, logits, self.cache = self.e._step(self.e.params, self.cache, self.tokens, self.pos, self.keys,
                                                self.temperature, self.top_k, self.top_p, filtered=self._filtered())
         if self.logits_hook is not None:
@@ -482,6 +576,7 @@ class _DecodeBatch:
         else:
             tok, mask = sampled, 1
         r.n_generated += 1
+        self.emitted += 1
         if tok in e.stop_tokens:
             return self._free(b, "stop")
         r.req._emit(r.sample, tok, mask)
@@ -611,10 +706,10 @@ class BatchScheduler:
                     running.append(req)
                 except Exception:  # a bad prompt fails its own request (admit marks it), not the server
                     pass
-            n_rows = batch.active
+            n_rows, steps, emitted = batch.active, 0, batch.emitted
             if n_rows:
-                try:
-                    batch.step()
+                try:   # short chunks (a streamed piece every STREAM_SECONDS), back as soon as a row frees up
+                    steps = batch.step(batch.steps_within(STREAM_SECONDS), exit_on_pause=True)
                 except Exception as err:  # a broken step fails everything running, and the loop goes on
                     for b, r in enumerate(batch.rows):
                         if r is not None:
@@ -624,8 +719,8 @@ class BatchScheduler:
             finished = [r for r in running if r.done]
             running = [r for r in running if not r.done]
             with self._cond:
-                self.counters["steps"] += bool(n_rows)
-                self.counters["tokens"] += n_rows
+                self.counters["steps"] += steps
+                self.counters["tokens"] += batch.emitted - emitted
                 self.counters["completed"] += len(finished)
         # closing: fail what is still running
         for b, r in enumerate(batch.rows):

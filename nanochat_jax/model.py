@@ -464,7 +464,9 @@ def loss(params, inputs, targets, config: ModelConfig):
 # Cached decode (the engine's prefill and step)
 
 class KVCache(NamedTuple):
-    """Static-shape decode state. k, v: (L, B, Tmax, KV, D) in the compute dtype; tokens: (B, Tmax) int32, the
+    """Static-shape decode state. k, v: one (B, KV, Tmax, D) array per layer (a tuple of L) in the compute dtype,
+    laid out so that both attention products are batched matmuls over (B, KV) with no transposed copy, and kept
+    apart per layer so that reading a layer's cache copies nothing; tokens: (B, Tmax) int32, the
     token ids written so far, from which the 2026 smear re-embeds the token before each new one (so a row may be
     rewound and rewritten from any position)."""
     k: jax.Array
@@ -474,8 +476,22 @@ class KVCache(NamedTuple):
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = dtype or compute_dtype()
-    shape = (config.n_layer, batch, max_len, config.n_kv_head, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32))
+    shape = (batch, config.n_kv_head, max_len, config.head_dim)
+    layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))  # noqa: E731
+    return KVCache(layers(), layers(), jnp.zeros((batch, max_len), jnp.int32))
+
+
+def cached_attention(q, k, v, mask, scale: float):
+    """Attention of q (B, t, H, D) over a cache k, v (B, KV, S, D) where mask (B, t, S) is set; GQA by head groups.
+    Scores and softmax in fp32, the weighted sum in v's dtype (as XLA's sdpa). Written out rather than through
+    jax.nn.dot_product_attention, which wants (B, S, KV, D) and so copied the whole cache transposed every step."""
+    B, t, H, D = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, t, KV, H // KV, D)
+    s = jnp.einsum("bqngd,bnkd->bngqk", qg, k.astype(q.dtype), preferred_element_type=F32) * scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)                                     # (B, KV, G, t, S)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bngqk,bnkd->bqngd", p, v).reshape(B, t, H, D).astype(q.dtype)
 
 
 def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
@@ -484,27 +500,26 @@ def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
     tokens; anything the row wrote beyond its position (an abandoned continuation) is ignored. Writes past Tmax
     are dropped: keep pos + t <= Tmax. Jit with `config` static and donate the cache."""
     B, t = tokens.shape
-    Tmax = cache.k.shape[2]
+    Tmax = cache.tokens.shape[1]
     pos = pos.astype(jnp.int32)
     positions = pos[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # (B, t)
     cos_tab, sin_tab = rotary_tables(config, Tmax)
     cos, sin = jnp.asarray(cos_tab)[positions], jnp.asarray(sin_tab)[positions]
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, t))
     key_pos = jnp.arange(Tmax, dtype=jnp.int32)
+    delta = positions[:, :, None] - key_pos[None, None, :]            # (B, t, Tmax): query pos - key pos
     windows = config.window_sizes
-    new_k, new_v = cache.k, cache.v
+    new_k, new_v = list(cache.k), list(cache.v)
 
     def attend(i, q, k, v):
-        nonlocal new_k, new_v
-        new_k = new_k.at[i, rows, positions].set(k.astype(new_k.dtype), mode="drop")
-        new_v = new_v.at[i, rows, positions].set(v.astype(new_v.dtype), mode="drop")
-        delta = positions[:, :, None] - key_pos[None, None, :]        # (B, t, Tmax): query pos - key pos
+        # (rows, positions) index B and Tmax around the KV axis: the update's shape is (B, t, KV, D), as k's
+        new_k[i] = new_k[i].at[rows, :, positions].set(k.astype(new_k[i].dtype), mode="drop")
+        new_v[i] = new_v[i].at[rows, :, positions].set(v.astype(new_v[i].dtype), mode="drop")
         mask = (delta >= 0) & (delta <= windows[i])
-        kk, vv = new_k[i].astype(q.dtype), new_v[i].astype(q.dtype)
-        return sdpa(q, kk, vv, config, mask=mask[:, None], implementation="xla")  # cuDNN takes no such mask
+        return cached_attention(q, new_k[i], new_v[i], mask, attn_scale(config))
 
     prev_tok = jnp.take_along_axis(cache.tokens, jnp.maximum(pos - 1, 0)[:, None], axis=1)[:, 0]
     prev = rms_norm(params["wte"][prev_tok].astype(compute_dtype()))
     logits = _trunk(params, tokens, config, cos, sin, attend, prev=prev, positions=positions)
     new_tokens = cache.tokens.at[rows, positions].set(tokens.astype(jnp.int32), mode="drop")
-    return logits, KVCache(new_k, new_v, new_tokens)
+    return logits, KVCache(tuple(new_k), tuple(new_v), new_tokens)

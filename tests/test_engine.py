@@ -1,6 +1,7 @@
 """Facts about nanochat_jax/engine.py: exact KV-cached decoding, sampling, no recompiles, tool use, streaming,
 batched and continuous-batched generation."""
 
+import collections
 import functools
 import threading
 from dataclasses import dataclass
@@ -247,6 +248,43 @@ def test_generate_batch_equals_one_by_one(tiny):
         assert samples[0] == alone[0][len(p):]
 
 
+def _run_rows(engine, prompts, chunk: int, max_tokens, temperature, seed=5):
+    """Decode `prompts` in one batch, `chunk` steps per device call; -> per row (completion, mask, finish reason)."""
+    batch = _DecodeBatch(engine, len(prompts))
+    reqs = engine._requests(prompts, 1, max_tokens, temperature, None, None, seed)
+    for r in reqs:
+        batch.admit(r)
+    calls = 0
+    while batch.active:
+        batch.step(chunk)
+        calls += 1
+    return [(r.completions[0], r.masks[0], r.finish[0]) for r in reqs], calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.3])
+def test_device_chunks_equal_single_steps(temperature):
+    """A chunk of device-side steps gives exactly the tokens, masks and finish reasons of one step per call:
+    sampling keys, stop tokens, budgets and the context's end, and a tool call closed mid-chunk (its output is
+    forced in afterwards). Rows sit at different positions."""
+    params, cfg = _tiny_model("2026", 2, 8, seed=3)
+    engine = Engine(params, cfg, TOK, max_batch=4, tool=lambda e: "42")
+    rng = np.random.default_rng(2)
+    prompts = [[256] + rng.integers(0, 256, n - 1).tolist() for n in (5, 12, 33, 58)]  # the last hits the end
+    # random weights rarely emit the specials: make the three tokens they emit most often (in a free run) the
+    # stop token, <|python_start|> and <|python_end|>, so that rows stop and call the tool mid-chunk
+    engine.stop_tokens, engine.python_start = frozenset(), -1
+    free, _ = _run_rows(engine, prompts, 1, 40, temperature)
+    common = [t for t, _ in collections.Counter(t for c, _, _ in free for t in c).most_common(3)]
+    engine.stop_tokens = frozenset({common[2], 256})
+    engine.python_start, engine.python_end = common[0], common[1]
+    single, calls1 = _run_rows(engine, prompts, 1, 40, temperature)
+    chunked, calls = _run_rows(engine, prompts, 16, 40, temperature)
+    assert chunked == single
+    assert calls < calls1 / 2                      # the chunks really ran several steps per call
+    assert {f for _, _, f in single} == {"length", "stop"}
+    assert any(0 in m for _, m, _ in single)       # some row's tool output was forced in
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # No recompiles
 
@@ -307,7 +345,9 @@ def test_tool_use_forces_output_with_mask_zero(expr, tool, output):
     assert masks[0] == [0] * len(prompt) + [1] * len(call) + [0] * len(forced) + [1, 1]
 
 
-def test_forced_tokens_are_fed_to_the_model():
+@pytest.mark.parametrize("chunk", [1, 16])
+def test_forced_tokens_are_fed_to_the_model(chunk):
+    """Also in device chunks: the chunk pauses at <|python_end|>, the forced output goes in by single steps."""
     prompt = [256, SP["<|assistant_start|>"]]
     forced = [SP["<|output_start|>"]] + text_ids("7") + [SP["<|output_end|>"]]
     engine = scripted_engine(_tool_script(prompt, "3+4", len(forced)))
@@ -315,7 +355,7 @@ def test_forced_tokens_are_fed_to_the_model():
     batch = _DecodeBatch(engine, 2)
     batch.admit(req)
     while batch.active:
-        batch.step()
+        batch.step(chunk)
     fed = np.asarray(batch.cache.tokens)[0]
     seq = prompt + req.completions[0]
     # every token but the last was written into the cache at its own position (the last is never fed)
