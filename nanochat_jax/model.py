@@ -464,11 +464,12 @@ def loss(params, inputs, targets, config: ModelConfig):
 # Cached decode (the engine's prefill and step)
 
 class KVCache(NamedTuple):
-    """Static-shape decode state. k, v: one (B, KV, Tmax, D) array per layer (a tuple of L) in the compute dtype,
-    laid out so that both attention products are batched matmuls over (B, KV) with no transposed copy, and kept
-    apart per layer so that reading a layer's cache copies nothing; tokens: (B, Tmax) int32, the
-    token ids written so far, from which the 2026 smear re-embeds the token before each new one (so a row may be
-    rewound and rewritten from any position)."""
+    """Static-shape decode state, one array per layer (tuples of L) in the compute dtype. k: (B, KV, D, Tmax), keys
+    stored transposed; v: (B, KV, Tmax, D). In these layouts both attention products are plain batched matmuls
+    over (B, KV) whose operands need no copy (XLA:CPU otherwise transposed each layer's cache every step), and
+    keeping the layers apart means reading one copies nothing. tokens: (B, Tmax) int32, the token ids written so
+    far, from which the 2026 smear re-embeds the token before each new one (so a row may be rewound and rewritten
+    from any position)."""
     k: jax.Array
     v: jax.Array
     tokens: jax.Array
@@ -476,19 +477,21 @@ class KVCache(NamedTuple):
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     dtype = dtype or compute_dtype()
-    shape = (batch, config.n_kv_head, max_len, config.head_dim)
-    layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))  # noqa: E731
-    return KVCache(layers(), layers(), jnp.zeros((batch, max_len), jnp.int32))
+    B, KV, D, L = batch, config.n_kv_head, config.head_dim, config.n_layer
+    k = tuple(jnp.zeros((B, KV, D, max_len), dtype) for _ in range(L))
+    v = tuple(jnp.zeros((B, KV, max_len, D), dtype) for _ in range(L))
+    return KVCache(k, v, jnp.zeros((batch, max_len), jnp.int32))
 
 
 def cached_attention(q, k, v, mask, scale: float):
-    """Attention of q (B, t, H, D) over a cache k, v (B, KV, S, D) where mask (B, t, S) is set; GQA by head groups.
+    """Attention of q (B, t, H, D) over a cache k (B, KV, D, S), v (B, KV, S, D) where mask (B, t, S) is set; GQA
+    by head groups.
     Scores and softmax in fp32, the weighted sum in v's dtype (as XLA's sdpa). Written out rather than through
     jax.nn.dot_product_attention, which wants (B, S, KV, D) and so copied the whole cache transposed every step."""
     B, t, H, D = q.shape
     KV = k.shape[1]
     qg = q.reshape(B, t, KV, H // KV, D)
-    s = jnp.einsum("bqngd,bnkd->bngqk", qg, k.astype(q.dtype), preferred_element_type=F32) * scale
+    s = jnp.einsum("bqngd,bndk->bngqk", qg, k.astype(q.dtype), preferred_element_type=F32) * scale
     s = jnp.where(mask[:, None, None], s, -jnp.inf)                                     # (B, KV, G, t, S)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bngqk,bnkd->bqngd", p, v).reshape(B, t, H, D).astype(q.dtype)
@@ -512,8 +515,8 @@ def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
     new_k, new_v = list(cache.k), list(cache.v)
 
     def attend(i, q, k, v):
-        # (rows, positions) index B and Tmax around the KV axis: the update's shape is (B, t, KV, D), as k's
-        new_k[i] = new_k[i].at[rows, :, positions].set(k.astype(new_k[i].dtype), mode="drop")
+        # (rows, positions) index B and Tmax around the other axes: the update's shape is (B, t, KV, D), as k's
+        new_k[i] = new_k[i].at[rows, :, :, positions].set(k.astype(new_k[i].dtype), mode="drop")
         new_v[i] = new_v[i].at[rows, :, positions].set(v.astype(new_v[i].dtype), mode="drop")
         mask = (delta >= 0) & (delta <= windows[i])
         return cached_attention(q, new_k[i], new_v[i], mask, attn_scale(config))
