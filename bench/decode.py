@@ -6,7 +6,9 @@ continuous batching against serving requests one after another.
 
 Random weights, greedy decoding with the stop tokens switched off, so every row generates exactly --new-tokens.
 Figures (compile time excluded: every shape is warmed up first):
-- cached decode tokens/s at each batch size (B x new tokens / wall time of `Engine.generate`), time to first token
+- the longest wait between two streamed tokens (`Engine.stream` hands tokens over in device chunks);
+- cached decode tokens/s at each batch size (B x new tokens / median wall time of `Engine.generate` over
+  --repeats runs, prefill included), time to first token
   (prefill of one prompt, then the first token out of `Engine.stream`);
 - the no-cache baseline in the same run: each token recomputes a full forward over the sequence so far (padded to
   a power of two, jitted once per length), batch 1;
@@ -64,6 +66,7 @@ def build_parser():
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row")
     p.add_argument("--batches", type=str, default="1,8,32", help="cached decode batch sizes")
     p.add_argument("--concurrent", type=int, default=8, help="requests for the continuous-batching comparison")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (the median is reported)")
     p.add_argument("--baseline-tokens", type=int, default=0,
                    help="tokens the recompute baseline generates (default: --new-tokens)")
     return p
@@ -133,13 +136,26 @@ def main(argv=None):
         ttft = time.perf_counter() - t0
         stream.close()
     print0(f"time to first token (prefill {len(prompt)} tokens, batch 1): {ttft * 1e3:.1f} ms")
+    # -- streaming cadence: tokens arrive in device chunks; the longest wait between two arrivals
+    for _ in range(2):  # the first pass compiles the batch-1 chunk
+        arrivals, t0 = [], time.perf_counter()
+        for _ in engine.stream(prompt, max_tokens=N, temperature=0.0):
+            arrivals.append(time.perf_counter())
+    gaps = np.diff(arrivals)
+    chunks = 1 + int((gaps > 5e-4).sum())   # tokens of one chunk arrive microseconds apart
+    print0(f"streaming, batch 1: {len(arrivals)} tokens in {chunks} device chunks, longest wait between arrivals "
+           f"{gaps.max() * 1e3:.1f} ms")
 
     # -- cached decode at each batch size
     rates = {}
     for B in batches:
         engine.generate(prompt, num_samples=B, max_tokens=4, temperature=0.0)  # compile this batch size
-        (out, _), dt = timed(lambda: engine.generate(prompt, num_samples=B, max_tokens=N, temperature=0.0))
-        assert all(len(r) == len(prompt) + N for r in out)
+        times = []
+        for _ in range(args.repeats):
+            (out, _), dt = timed(lambda: engine.generate(prompt, num_samples=B, max_tokens=N, temperature=0.0))
+            assert all(len(r) == len(prompt) + N for r in out)
+            times.append(dt)
+        dt = float(np.median(times))
         rates[B] = B * N / dt
         print0(f"cached decode, batch {B:3d}: {rates[B]:10.1f} tokens/s  ({dt / N * 1e3:.2f} ms/step)")
 
