@@ -61,6 +61,7 @@ def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=4, help="model depth (width 64*depth)")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocab size of the random model")
+    p.add_argument("--head-dim", type=int, default=None, help="attention head size (default: the recipe's, 128)")
     p.add_argument("--max-len", type=int, default=512, help="KV cache length (prompt + new tokens)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row")
@@ -116,7 +117,8 @@ def recompute_generate(params, config, prompt, new_tokens, max_len):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
-    cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab_size, max_seq_len=args.max_len)
+    cfg = ModelConfig.from_depth(args.depth, vocab_size=args.vocab_size, max_seq_len=args.max_len,
+                                 head_dim=args.head_dim)
     params = model.init_params(cfg, jax.random.PRNGKey(0))
     tok = ByteTokenizer()
     engine = Engine(params, cfg, tok, max_batch=max(batches + [args.concurrent]), max_len=args.max_len)

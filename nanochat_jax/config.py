@@ -23,6 +23,7 @@ MLPS = ("relu2", "swiglu")
 VOCAB_PAD = 64            # wte/lm_head rows padded to a multiple of 64 for the matmul; logits are sliced back
 VE_GATE_CHANNELS = 12     # value-embedding gate reads the first 12 channels of the attention input (nanochat head)
 SMEAR_CHANNELS = 24       # smear gate reads the first 24 channels of the embedding (nanochat head)
+FULL_CONTEXT = 2 ** 31 - 1  # a window that never binds: plain causal attention over any length (the 2025 recipe)
 B_REF = 2 ** 19           # nanochat: optimal total batch at d12 ~= 524,288 tokens (measured by nanochat)
 BATCH_POWER = 0.383       # nanochat 2026: B_opt ∝ D^0.383 (Power Lines, arXiv:2505.13738)
 
@@ -144,9 +145,11 @@ class ModelConfig:
 
     @property
     def window_sizes(self) -> tuple[int, ...]:
-        """Left window per layer: query i sees keys i-w..i. Full-context layers get w = sequence_len."""
+        """Left window per layer: query i sees keys i-w..i. 2025: every layer attends to the whole causal context,
+        however long (nanochat 2025 used plain causal SDPA: rows past sequence_len, as in CORE, see everything);
+        2026: long layers get w = sequence_len, as nanochat's (long_window, 0)."""
         if self.recipe == "2025":
-            return (self.sequence_len,) * self.n_layer
+            return (FULL_CONTEXT,) * self.n_layer
         sizes = [self.short_window if self.window_pattern[i % len(self.window_pattern)] == "S" else self.sequence_len
                  for i in range(self.n_layer)]
         sizes[-1] = self.sequence_len
@@ -315,7 +318,7 @@ def describe(config: ModelConfig, batch_size: int | None = None, num_steps: int 
         f"rope base {config.rope_base:,}",
     ]
     if config.recipe == "2026":
-        lines.append(f"windows {list(config.window_sizes)} | value-embed layers {list(config.ve_layers)} | "
+        lines.append(f"windows {['full' if w == FULL_CONTEXT else w for w in config.window_sizes]} | value-embed layers {list(config.ve_layers)} | "
                      f"backout after layer {config.backout_layer}")
     lines += [f"params {k}: {v:,}" for k, v in p.items()]
     lines += [

@@ -18,7 +18,7 @@ def test_from_depth_follows_nanochat_sizing():
     assert ModelConfig.from_depth(26).n_embd == 1664          # 26*64 = 1664 = 13*128
     assert ModelConfig.from_depth(5).n_embd == 384            # 320 -> 384
     old = ModelConfig.from_depth(20, recipe="2025")
-    assert old.vocab_size == 65536 and old.rope_base == 10000 and old.window_sizes == (2048,) * 20
+    assert old.vocab_size == 65536 and old.rope_base == 10000 and old.window_sizes == (cfgmod.FULL_CONTEXT,) * 20
     assert old.ve_layers == () and old.qk_scale == 1.0
 
 

@@ -340,3 +340,22 @@ def test_cudnn_attention_matches_xla_with_windows_and_gqa():
         b = model.sdpa(q, k, v, config, is_causal=True, local_window_size=local, implementation="xla")
         err = float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max())
         assert err < 2e-2, (window, err)
+
+
+def test_2025_recipe_attends_to_the_whole_context_past_sequence_len():
+    """nanochat 2025 is plain causal attention: a row longer than sequence_len (a CORE item, a long chat) sees every
+    earlier token. The params do not depend on sequence_len, so a seq-32 model must give a seq-64 model's logits."""
+    short = ModelConfig.from_depth(2, d_model=64, head_dim=16, vocab_size=128, max_seq_len=32, recipe="2025")
+    long_ = ModelConfig.from_depth(2, d_model=64, head_dim=16, vocab_size=128, max_seq_len=64, recipe="2025")
+    params = model.init_params(short, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 64), 0, 128)
+    a, b = forward(params, tokens, short), forward(params, tokens, long_)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    # and the KV-cached decode past sequence_len agrees with it
+    step = jax.jit(model.forward_cached, static_argnums=4)
+    cache = model.init_cache(short, 2, 64, jnp.float32)
+    logits, cache = step(params, tokens[:, :40], cache, jnp.zeros(2, jnp.int32), short)
+    for p in range(40, 64):
+        logits, cache = step(params, tokens[:, p:p + 1], cache, jnp.full(2, p, jnp.int32), short)
+        np.testing.assert_allclose(logits[:, 0], b[:, p], rtol=0, atol=1e-5)
