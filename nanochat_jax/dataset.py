@@ -389,13 +389,16 @@ def download_shards(n: int, dataset: str | None = None, workers: int = 4, base_u
     dataset = _check_dataset(dataset or default_dataset())
     out = data_dir(dataset)
     indices = shard_indices(n, dataset)
-    todo = [i for i in indices if not (out / f"shard_{i:05d}.parquet").exists()]
-    print0(f"{dataset}: {len(indices)} shards wanted, {len(indices) - len(todo)} already in {out}, "
+    have = {p.name: p for p in list_shards(dataset)}   # incl. nanochat's layout: never fetched twice
+    todo = [i for i in indices if f"shard_{i:05d}.parquet" not in have]
+    print0(f"{dataset}: {len(indices)} shards wanted, {len(indices) - len(todo)} already downloaded, "
            f"fetching {len(todo)} with {workers} workers")
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), unit="shard",
                disable=not sys.stderr.isatty())
 
     def one(i):
+        if f"shard_{i:05d}.parquet" in have:
+            return have[f"shard_{i:05d}.parquet"]
         path = download_file(shard_url(i, dataset, base_url), out / f"shard_{i:05d}.parquet", retries=retries,
                              backoff=backoff, timeout=timeout, check=check_parquet)
         bar.update(1)
@@ -416,10 +419,18 @@ def download_shards(n: int, dataset: str | None = None, workers: int = 4, base_u
     return paths
 
 
+# where PyTorch nanochat keeps each set's shards under the same base dir (2026: base_data_climbmix/; 2025: the shards
+# directly in base_data/), so that NANOCHAT_BASE_DIR may point at a nanochat directory
+NANOCHAT_DATA_DIRS = {"climbmix-400b": "base_data_climbmix", "fineweb-edu-100b": "base_data"}
+
+
 def list_shards(dataset: str | None = None) -> list[Path]:
-    """The downloaded (whole) shards of `dataset`, sorted by index."""
-    d = data_dir(dataset)
-    return sorted(d.glob("shard_*.parquet"))
+    """The downloaded (whole) shards of `dataset`, sorted by index: ours (`data_dir`), and those of nanochat's own
+    layout under the same base dir (ours win where both hold an index)."""
+    dataset = _check_dataset(dataset or default_dataset())
+    found = {p.name: p for p in (get_base_dir() / NANOCHAT_DATA_DIRS[dataset]).glob("shard_*.parquet")}
+    found.update({p.name: p for p in data_dir(dataset).glob("shard_*.parquet")})
+    return [found[name] for name in sorted(found)]
 
 
 def split_shards(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -529,12 +540,15 @@ def ensure_pretokenized(data_path, tokenizer, val_fraction: float = DEFAULT_VAL_
         print0(f"pretokenizing {data_path} into {out} (once; later runs reuse it)")
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        info = pretokenize(data_path, tmp, tokenizer, val_fraction, workers=workers, shard_tokens=shard_tokens)
-        info["source"] = str(data_path)
-        (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
+            info = pretokenize(data_path, tmp, tokenizer, val_fraction, workers=workers, shard_tokens=shard_tokens)
+            info["source"] = str(data_path)
+            (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
             os.rename(tmp, out)
-        except OSError:            # another process finished first: keep theirs
+        except OSError:
+            if not meta.is_file():  # not "another process finished first" (then we keep theirs): a real failure
+                raise
+        finally:                    # a failed or losing build leaves nothing behind
             shutil.rmtree(tmp, ignore_errors=True)
     info = json.loads(meta.read_text())
     train = [out / name for name in info["train"]]

@@ -136,3 +136,16 @@ def test_bad_corpus_from_the_command_line_is_one_line_without_traceback(tmp_path
                        env={**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONPATH": str(repo)})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f'error: {tmp_path / "c.jsonl"}: line 2 has no "text" field']
+
+
+def test_a_failed_pretokenize_leaves_no_temp_dir(tmp_path, base_dir, tok, monkeypatch):
+    write_corpus(tmp_path / "c.txt", 50)
+
+    def boom(source, out_dir, *a, **k):   # fails after writing part of a shard
+        out_dir.mkdir(parents=True)
+        (out_dir / "train_00000.bin").write_bytes(b"partial")
+        raise OSError("no space left on device")
+    monkeypatch.setattr(dataset, "pretokenize", boom)
+    with pytest.raises(OSError, match="no space"):
+        dataset.ensure_pretokenized(tmp_path / "c.txt", tok, workers=1)
+    assert list((base_dir / "pretok").iterdir()) == []

@@ -216,3 +216,21 @@ def test_downloaded_shards_feed_iter_documents_and_the_pretokenizer(server, base
     val_docs = ShardDocs(val)
     assert len(ShardDocs(train)) == 100 and len(val_docs) == 50   # the last shard is the validation split
     assert bytes(val_docs[0].astype("uint8")).decode().startswith("shard 1822 document 0")
+
+
+@pytest.mark.parametrize("name, subdir", [("climbmix-400b", "base_data_climbmix"), ("fineweb-edu-100b", "base_data")])
+def test_shards_in_nanochats_own_layout_are_found_and_not_fetched_again(server, base_dir, monkeypatch, name, subdir):
+    """NANOCHAT_BASE_DIR pointing at a PyTorch nanochat directory: its shards (2026: base_data_climbmix/, 2025:
+    directly in base_data/) are used as they are."""
+    monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
+    last = dataset.DATASETS[name][1] - 1
+    theirs = base_dir / subdir
+    theirs.mkdir(parents=True)
+    for i in (0, last):
+        (theirs / f"shard_{i:05d}.parquet").write_bytes(parquet_bytes(i))
+    assert [p.name for p in dataset.list_shards(name)] == ["shard_00000.parquet", f"shard_{last:05d}.parquet"]
+    paths = dataset.download_shards(3, name, workers=2)
+    assert [p.parent for p in paths] == [theirs, dataset.data_dir(name), theirs]
+    assert [path for path, _ in server.requests] == ["/shard_00001.parquet"]   # only the missing one fetched
+    monkeypatch.setenv("NANOCHAT_DATASET", name)
+    assert list(dataset.iter_documents("shards"))[0].startswith("shard 0 document 0")
