@@ -41,6 +41,7 @@ VERSION = 1
 HEADER_SIZE = 128
 _HEAD = struct.Struct("<8sIIQQQ")  # magic, version, itemsize, n_tokens, n_docs, vocab_size (40 bytes)
 _FP_BYTES = 80
+REFILL_DOCS = 128   # best-fit packing tops its buffer up in nanochat's tokenizer batches of 128 documents
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -170,7 +171,8 @@ class ShardDocs:
 class BestFitPacker:
     """Rows of `capacity` tokens (T + 1), nanochat's BOS-aligned best fit.
 
-    The buffer keeps `buffer_size` documents. Each row takes the largest document that still fits, again and again;
+    The buffer holds at least `buffer_size` documents (pretraining tops it up before every pick, in nanochat's
+    batches of REFILL_DOCS; SFT before every row). Each row takes the largest document that still fits, again and again;
     when none fits: `crop=True` (pretraining) crops the shortest buffered document to fill the row exactly (the rest
     of it is dropped and counted in `cropped`); `crop=False` (SFT) pads the row instead (targets -1). `one_per_row`
     puts exactly one document in each row (SFT "pad" mode). Ties between equal lengths go to the older document.
@@ -215,13 +217,18 @@ class BestFitPacker:
         self.packed += take
         return pos + take, epoch
 
-    def pop_row(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """One row: (tokens int32[capacity], mask int8[capacity] (0 = no loss on this position), max epoch)."""
+    def pop_row(self, refill=None) -> tuple[np.ndarray, np.ndarray, int]:
+        """One row: (tokens int32[capacity], mask int8[capacity] (0 = no loss on this position), max epoch).
+        refill(): called before each document is picked (tops the buffer up, as nanochat does)."""
         cap = self.capacity
         row = np.full(cap, self.pad_id, dtype=np.int32)
         mask_row = np.zeros(cap, dtype=np.int8)
         pos, epoch = 0, 0
-        while pos < cap and self.keys:
+        while pos < cap:
+            if refill is not None:
+                refill()
+            if not self.keys:
+                break
             remaining = cap - pos
             k = bisect.bisect_left(self.keys, (remaining + 1, -1)) - 1   # largest length <= remaining
             if k >= 0:
@@ -323,15 +330,27 @@ class RowPacker:
     def __next__(self):
         if self.spec.mode == "concat":
             row, mask, epoch = self._concat_row()
+        elif self.spec.mode == "bestfit":
+            row, mask, epoch = self.packer.pop_row(refill=self._refill_bestfit)
         else:
             p = self.packer
             while len(p) < p.buffer_size:
-                doc_id, e = self._pull()
-                toks, m = self.spec.lookup(doc_id)
-                p.add(doc_id, e, toks, m)
+                self._add_next()
             row, mask, epoch = p.pop_row()
         targets = np.where(mask[1:] > 0, row[1:], -1).astype(np.int32)
         return {"inputs": row[:-1], "targets": targets, "epoch": np.int32(epoch)}
+
+    def _add_next(self):
+        doc_id, e = self._pull()
+        toks, m = self.spec.lookup(doc_id)
+        self.packer.add(doc_id, e, toks, m)
+
+    def _refill_bestfit(self):
+        """nanochat's policy: before every pick, while the buffer holds fewer than buffer_size documents, add the
+        next REFILL_DOCS (its tokenizer batch), so the buffer holds buffer_size .. buffer_size + REFILL_DOCS - 1."""
+        while len(self.packer) < self.packer.buffer_size:
+            for _ in range(REFILL_DOCS):
+                self._add_next()
 
     def get_state(self):
         state = {"parent": self._parent.get_state(), "queue": self.queue[self.qpos:].tolist()}
@@ -572,8 +591,8 @@ def pretrain_loader(shards: Sequence[str | os.PathLike] | ShardDocs, B: int, T: 
     if have < need and require_full_batch:
         raise UserError(f"corpus too small: {docs.n_tokens} tokens in {len(docs)} documents cannot fill one batch "
                         f"of {B}x{T + 1} tokens; use more data or a smaller --device-batch-size/--max-seq-len")
-    buffer_size = max(1, min(buffer_size, len(docs) // pc))
-    spec = _PackSpec(_Lookup(docs=docs), packing, T, buffer_size, bos, bos)
+    # the buffer is not capped at the split's size: a short split wraps into its next epoch, as nanochat's does
+    spec = _PackSpec(_Lookup(docs=docs), packing, T, max(1, buffer_size), bos, bos)
     it = _pipeline(DocIdChunks(len(docs), seed, shuffle, pi, pc), spec, b_local, num_workers)
     return Loader(it, num_workers, name="pretrain loader")
 

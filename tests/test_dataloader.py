@@ -313,3 +313,37 @@ def test_two_processes_read_disjoint_documents_covering_the_set(tmp_path):
     assert len(results[0]["ids"]) == len(a) == 20 and len(b) == 20
     assert a.isdisjoint(b) and a | b == set(range(40))
     assert all(r["global_ok"] for r in results)
+
+
+def nanochat_bestfit_rows(docs, n_rows, T, buffer_size=1000, batch=128):
+    """nanochat's BOS-aligned best-fit rows, reading `docs` in order (a validation split): before each pick, while
+    the buffer holds fewer than buffer_size documents it adds the next `batch` (wrapping into another epoch); the
+    largest document that fits goes in (the first buffered among equals), and when none fits the shortest (the
+    first among equals) is cropped to fill the row."""
+    stream = (d for _ in range(10 ** 6) for d in docs)
+    buf, rows = [], []
+    for _ in range(n_rows):
+        row = []
+        while len(row) < T + 1:
+            while len(buf) < buffer_size:
+                buf += [np.concatenate([[BOS], next(stream)]) for _ in range(batch)]
+            room = T + 1 - len(row)
+            fits = [i for i, d in enumerate(buf) if len(d) <= room]
+            if fits:
+                i = max(fits, key=lambda j: (len(buf[j]), -j))
+            else:
+                i = min(range(len(buf)), key=lambda j: (len(buf[j]), j))
+            row += list(buf.pop(i)[:room])
+        rows.append(row)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("n_docs", [2500, 700])   # 700: a split shorter than the buffer wraps into its next epoch
+def test_best_fit_rows_match_nanochats_refill_policy(tmp_path, n_docs):
+    docs = id_docs(n_docs, np.random.default_rng(4), lo=3, hi=150)
+    path = dl.write_shard(tmp_path / "val.bin", docs, 4096, "fp")
+    loader = dl.pretrain_loader([path], 8, 64, BOS, shuffle=False, require_full_batch=False, process_index=0,
+                                process_count=1)
+    got = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in take(loader, 16)])
+    want = nanochat_bestfit_rows(docs, 128, 64)
+    assert (got == want).all(axis=1).sum() == 128
