@@ -183,11 +183,15 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str:
         return self.enc.decode([i])
 
-    def token_bytes(self) -> np.ndarray:
-        """int32[vocab]: bytes per token id (0 for specials), the denominator of bits per byte."""
+    def token_bytes(self, decoded: bool = False) -> np.ndarray:
+        """int32[vocab]: bytes per token id (0 for specials), the denominator of bits per byte.
+
+        decoded=False: the token's own bytes (nanochat 2026, and ours). decoded=True: the UTF-8 length of the
+        token decoded on its own, as nanochat 2025 counted them, so a token holding part of a character counts
+        3 bytes for its U+FFFD (use it to compare with bpb figures from nanochat 2025)."""
         out = np.zeros(self.get_vocab_size(), dtype=np.int32)
         for token, rank in self._ranks.items():
-            out[rank] = len(token)
+            out[rank] = len(token.decode("utf-8", errors="replace").encode("utf-8")) if decoded else len(token)
         return out
 
     # -----------------------------------------------------------------------------------------------------------

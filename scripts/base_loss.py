@@ -14,7 +14,7 @@ from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_ca
 from nanochat_jax.dataloader import pretrain_loader
 from nanochat_jax.dataset import ensure_pretokenized
 from nanochat_jax.evaluation import SAMPLE_PROMPTS, greedy_samples
-from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn
+from nanochat_jax.evaluation.bpb import BYTE_COUNTS, bytes_note, evaluate_bpb, make_bpb_fn
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -31,6 +31,8 @@ def build_parser():
     p.add_argument("--max-seq-len", type=int, default=None, help="sequence length (default: the model's)")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (nanochat's)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per sample prompt")
+    p.add_argument("--bytes", choices=BYTE_COUNTS, default="raw",
+                   help="bytes per token for bpb: raw (nanochat 2026) or decoded (as nanochat 2025 counted them)")
     return p
 
 
@@ -49,7 +51,10 @@ def main(argv=None):
 
     # -- bits per byte --------------------------------------------------------------------------------------------
     bpb_fn = make_bpb_fn(config)
-    token_bytes = tokenizer.token_bytes()
+    token_bytes = tokenizer.token_bytes(decoded=args.bytes == "decoded")
+    note = bytes_note(config.recipe, args.bytes)
+    if note:
+        print0(f"note: {note}")
     results = {}
     for split, shards in (("train", train_shards), ("val", val_shards)):
         if not shards:
@@ -64,8 +69,9 @@ def main(argv=None):
     samples = greedy_samples(params, config, tokenizer, SAMPLE_PROMPTS, max_tokens=args.max_new_tokens)
     for s in samples:
         print0(s)
-    report.log("Base model loss", [{"step": meta.get("step"), "train bpb": results["train"],
-                                    "val bpb": results["val"]}, "Samples:", "\n".join(f"- {s!r}" for s in samples)])
+    report.log("Base model loss", [{"step": meta.get("step"), "train bpb": results["train"], "val bpb": results["val"],
+                                    "bytes counted": args.bytes}] + ([f"Note: {note}."] if note else []) +
+               ["Samples:", "\n".join(f"- {s!r}" for s in samples)])
     return results, samples
 
 

@@ -89,9 +89,9 @@ def chat_loop(engine, tokenizer, *, read=input, out=sys.stdout, prompt=None, **g
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 
-def make_engine(params, config, tokenizer):
+def make_engine(params, config, tokenizer, max_len):
     from nanochat_jax.engine import Engine
-    return Engine(params, config, tokenizer)
+    return Engine(params, config, tokenizer, max_len=max_len)
 
 
 def main(argv=None):
@@ -100,8 +100,11 @@ def main(argv=None):
         raise UserError("need 0 <= -t <= 2, 0 <= -k <= 200 and -m >= 1")
     enable_compilation_cache()
     params, config, tokenizer, meta = load_chat_model(args)
-    engine = make_engine(params, config, tokenizer)
-    chat_loop(engine, tokenizer, prompt=args.prompt, max_context=config.sequence_len, max_tokens=args.max_tokens,
+    # As nanochat's chat_cli: the conversation keeps up to sequence_len tokens and the reply may run its whole
+    # --max-tokens beyond it (the cache holds both; attention past sequence_len is the recipe's own)
+    max_context = config.sequence_len + args.max_tokens
+    engine = make_engine(params, config, tokenizer, max_context)
+    chat_loop(engine, tokenizer, prompt=args.prompt, max_context=max_context, max_tokens=args.max_tokens,
               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
 
 

@@ -86,3 +86,21 @@ def test_base_loss_end_to_end(base_dir, tmp_path):
     assert len(samples) == 7 and samples[0].startswith("The capital of France is")
     text = (base_dir / "report" / "base-model-loss.md").read_text()
     assert "train bpb" in text and "The capital of France is" in text
+
+
+def test_decoded_byte_counts_are_nanochat_2025s():
+    """nanochat 2025 counted each token's bytes decoded on its own: a token holding part of a UTF-8 character counts
+    3 (U+FFFD). Raw counts (2026, the default) and decoded counts agree on ASCII and differ there."""
+    from nanochat_jax.evaluation.bpb import bytes_note
+    from nanochat_jax.tokenizer import Tokenizer
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks["é".encode()] = 256               # a whole 2-byte character
+    ranks[b"a\xc3"] = 257                   # 'a' and the first byte of 'é'
+    tok = Tokenizer(ranks)
+    raw, dec = tok.token_bytes(), tok.token_bytes(decoded=True)
+    assert raw[ord("a")] == dec[ord("a")] == 1 and raw[256] == dec[256] == 2
+    assert raw[0xC3] == 1 and dec[0xC3] == 3                # a lone lead byte decodes to U+FFFD
+    assert raw[257] == 2 and dec[257] == 1 + 3
+    assert raw[tok.get_bos_token_id()] == dec[tok.get_bos_token_id()] == 0
+    assert "decoded" in bytes_note("2025", "raw") and bytes_note("2026", "raw") is None
+    assert bytes_note("2025", "decoded") is None

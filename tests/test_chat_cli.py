@@ -84,14 +84,28 @@ def test_main_wires_flags(monkeypatch):
         return {}, SimpleNamespace(sequence_len=128), FakeTokenizer(), {}
 
     monkeypatch.setattr(chat_cli, "load_chat_model", fake_load)
-    monkeypatch.setattr(chat_cli, "make_engine", lambda params, config, tok: engine)
+    monkeypatch.setattr(chat_cli, "make_engine", lambda params, config, tok, max_len: seen.update(max_len=max_len)
+                        or engine)
     chat_cli.main(["--checkpoint", "somewhere", "-t", "0.3", "-k", "7", "-m", "20", "-p", "hello",
                    "--seed", "5"])
     assert seen["args"].checkpoint == "somewhere"
     call = engine.calls[0]
     assert (call["temperature"], call["top_k"], call["max_tokens"], call["seed"]) == (0.3, 7, 20, 5)
+    assert seen["max_len"] == 128 + 20            # the context plus the whole reply, as nanochat's chat_cli
     chat_cli.main(["--source", "rl", "--model-tag", "d4", "--step", "3", "-p", "x"])
     assert (seen["args"].source, seen["args"].model_tag, seen["args"].step) == ("rl", "d4", 3)
+
+
+def test_a_reply_runs_to_max_tokens_even_when_the_prompt_fills_the_context(monkeypatch):
+    """nanochat's chat_cli lets the reply run its whole --max-tokens after a long conversation (its cache is
+    prompt + max_tokens); ours did stop at sequence_len (240 of 256 tokens in such a case)."""
+    engine = FakeEngine()
+    monkeypatch.setattr(chat_cli, "load_chat_model",
+                        lambda args: ({}, SimpleNamespace(sequence_len=128), FakeTokenizer(), {}))
+    monkeypatch.setattr(chat_cli, "make_engine", lambda params, config, tok, max_len: engine)
+    chat_cli.main(["--checkpoint", "x", "-m", "256", "-p", "y" * 120])
+    call = engine.calls[0]
+    assert call["max_tokens"] == 256 and len(call["tokens"]) > 100
 
 
 @pytest.mark.parametrize("module", ["scripts.chat_cli", "scripts.chat"])

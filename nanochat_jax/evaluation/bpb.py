@@ -5,6 +5,11 @@
 Special tokens (byte length 0) and ignored targets (-1) count in neither sum, so the number compares models with
 different vocabularies (nanochat's `evaluate_bpb`). The per-batch sums run in one jitted function; the totals are
 accumulated on the host in float64.
+
+Byte lengths are each token's raw bytes, as nanochat 2026 counts them. nanochat 2025 counted the bytes of each token
+decoded on its own, so a token that holds part of a UTF-8 character counted 3 (its U+FFFD): on text with non-ASCII
+characters its bpb is a little lower for the same model. `Tokenizer.token_bytes(decoded=True)` (base_loss
+`--bytes decoded`) counts as 2025 did, to compare with figures nanochat 2025 reported.
 """
 
 from __future__ import annotations
@@ -15,6 +20,16 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+BYTE_COUNTS = ("raw", "decoded")
+
+
+def bytes_note(recipe: str, byte_count: str) -> str | None:
+    """A line for reports when a bpb figure may be set beside one counted another way (see the module docstring)."""
+    if recipe == "2025" and byte_count == "raw":
+        return ("bpb counts raw token bytes (nanochat 2026's way); nanochat 2025 counted decoded bytes (a partial "
+                "UTF-8 token = 3), so compare with its figures using --bytes decoded")
+    return None
 
 
 def make_bpb_fn(config=None, loss_fn=None):
