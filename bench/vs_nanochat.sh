@@ -101,7 +101,7 @@ import re, statistics, sys
 logs, depths, dec_depths = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 def steps(path):
     return [float(x) for x in re.findall(r"dt:? ([0-9.]+)ms", open(path).read())]
-print("| work | nanochat | nanochat-jax | ratio |\n|---|---|---|---|")
+print("| work | nanochat | nanochat-jax | nanochat-jax speed / nanochat speed |\n|---|---|---|---|")
 for d in depths:
     skip = 10 if d == "4" else 5
     nc, jx = steps(f"{logs}/train_nc_d{d}.log"), steps(f"{logs}/train_jx_d{d}.log")
@@ -109,7 +109,7 @@ for d in depths:
     print(f"| train d{d}, 8x512 tokens/step (tok/s) | {a:,.0f} | {b:,.0f} | {b / a:.2f}x |")
 for d in depths:
     nc, jx = steps(f"{logs}/train_nc_d{d}.log"), steps(f"{logs}/train_jx_d{d}.log")
-    print(f"| first step incl. compile, d{d} (s) | {nc[0] / 1e3:.1f} | {jx[0] / 1e3:.1f} | {nc[0] / jx[0]:.1f}x faster |")
+    print(f"| first step incl. compile, d{d} (s) | {nc[0] / 1e3:.1f} | {jx[0] / 1e3:.1f} | {nc[0] / jx[0]:.2f}x |")
 for d in dec_depths:
     a = dict(re.findall(r"decode batch (\d+): ([0-9.]+)", open(f"{logs}/decode_nc_d{d}.log").read()))
     b = dict(re.findall(r"cached decode, batch\s+(\d+):\s+([0-9.]+)", open(f"{logs}/decode_jx_d{d}.log").read()))
