@@ -12,6 +12,12 @@ Orbax writes each step into a temporary directory and renames it when every item
 interrupted (SIGKILL, power loss) is never listed as a step; `latest_step()` sees only complete checkpoints.
 Saving is asynchronous: `save()` returns once the arrays are copied to host memory and the loop continues.
 
+Integrity. Once a step is on disk, the manager seals it: `<step>/SHA256SUMS.json` records a content hash of every
+file. Every restore checks the step against it first, so a flipped, truncated or zeroed file is one clear error
+(which file, which step) instead of garbage weights; a resume falls back to the newest step that verifies. A state
+holding NaN/inf is refused at save time, and older steps are deleted (beyond `max_to_keep`) only once a newer one
+is sealed, so the last good state is never lost.
+
 A weights-only export (`export_weights`) is one directory: `params/` (bf16 by default, no optimizer state),
 `export.json` (meta + model_config) and `tokenizer/`.
 
@@ -23,6 +29,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
+import hashlib
 import io
 import json
 import pickle
@@ -42,6 +50,7 @@ STAGES = ("base", "mid", "sft", "rl")
 EXPORT_META = "export.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "nanochat_jax/1"
+MANIFEST = "SHA256SUMS.json"   # in each step directory: {relative file path: sha256}, written once it is on disk
 
 
 def checkpoint_dir(stage: str, tag: str) -> Path:
@@ -152,8 +161,10 @@ class CheckpointManager:
         ocp = _ocp()
         self.directory = Path(directory).expanduser().resolve()
         self.tokenizer = tokenizer
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        self.max_to_keep, self.async_save = max_to_keep, async_save
+        self._saving: int | None = None   # the step whose async save may still be running
+        # Orbax keeps everything; `_settle` prunes, and only after the newer step is sealed
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=async_save)
         handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
                     "loader": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -168,9 +179,15 @@ class CheckpointManager:
         """
         ocp = _ocp()
         step = int(step)
+        self._settle()
         if step in self._mngr.all_steps():
             return False
         params, rest = _split_state(state)
+        bad = _non_finite(params, rest)
+        if bad:
+            good = self.verified_steps()
+            raise UserError(f"step {step}: the train state holds non-finite values ({bad}); not saving it"
+                            + (f" (checkpoints of steps {good} are intact)" if good else ""))
         flat, _, paths = _flat(rest)
         meta = dict(meta or {})
         meta.setdefault("step", step)
@@ -183,7 +200,68 @@ class CheckpointManager:
                  "loader": ocp.args.JsonSave(_jsonable(loader_state if loader_state is not None else {}))}
         if flat:
             items["train_state"] = ocp.args.StandardSave(flat)
-        return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        self._saving = step
+        try:
+            saved = self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        except OSError as err:
+            self._disk_error(step, err)
+        if saved and not self.async_save:
+            self._settle()
+        return saved
+
+    # -- integrity ------------------------------------------------------------------------------------------------
+
+    def _settle(self):
+        """Wait for a running save, seal every complete step not sealed yet, then prune to max_to_keep."""
+        try:
+            self._mngr.wait_until_finished()
+        except OSError as err:
+            self._disk_error(self._saving, err)
+        self._saving = None
+        if process_index() != 0:
+            return
+        for s in self.all_steps():
+            if not (self.directory / str(s) / MANIFEST).is_file():
+                _seal(self.directory / str(s))
+        if self.max_to_keep:
+            sealed = [s for s in self.all_steps() if (self.directory / str(s) / MANIFEST).is_file()]
+            for s in sealed[:-self.max_to_keep]:
+                self._mngr.delete(s)
+
+    def _disk_error(self, step, err: OSError):
+        """A failed write: remove its temporary directories; a full disk is one line naming what is intact."""
+        for p in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            good = [s for s in self.all_steps() if s != step]
+            raise UserError(f"no space left on device while saving step {step}; "
+                            + (f"steps {good} are intact" if good else "no earlier checkpoint exists")) from err
+        raise err
+
+    def verify(self, step: int) -> str | None:
+        """None if step's files match their recorded hashes, else what is wrong, in a few words. A step written
+        before checkpoints were sealed (no manifest) is taken as it is."""
+        return _check_seal(self.directory / str(int(step)))
+
+    def verified_steps(self) -> list[int]:
+        return [s for s in self.all_steps() if self.verify(s) is None]
+
+    def _verified_step(self, step: int | None, fallback: bool) -> int:
+        """`step` (default: the newest) after checking its files; with `fallback`, the newest older step that
+        verifies when it does not (saying which it skipped). UserError when none does."""
+        step = self._step(step)
+        problem = self.verify(step)
+        if problem is None:
+            return step
+        if not fallback:
+            raise UserError(f"checkpoint {self.directory}/{step} is damaged: {problem}")
+        for older in reversed([s for s in self.all_steps() if s < step]):
+            p = self.verify(older)
+            if p is None:
+                print0(f"checkpoint step {step} is damaged ({problem}); resuming from step {older}, the newest "
+                       f"one that verifies")
+                return older
+        raise UserError(f"checkpoint {self.directory}/{step} is damaged ({problem}) and no older step verifies")
 
     def _write_tokenizer(self):
         d = self.directory / TOKENIZER_DIR
@@ -195,11 +273,11 @@ class CheckpointManager:
         tmp.rename(d)
 
     def wait(self):
-        """Block until every started save is on disk (call before exiting)."""
-        self._mngr.wait_until_finished()
+        """Block until every started save is on disk and sealed (call before exiting)."""
+        self._settle()
 
     def close(self):
-        self._mngr.wait_until_finished()
+        self._settle()
         self._mngr.close()
 
     # -- listing --------------------------------------------------------------------------------------------------
@@ -238,14 +316,17 @@ class CheckpointManager:
         except (KeyError, AttributeError, TypeError, ValueError, FileNotFoundError):
             return {}
 
-    def restore(self, target_state, step: int | None = None):
+    def restore(self, target_state, step: int | None = None, fallback: bool = False):
         """Restore (state, loader_state, meta) of `step` (default: the newest) onto `target_state`'s shardings.
 
         target_state: the state's structure with jax.ShapeDtypeStructs carrying shardings on the *current* mesh
         (or concrete arrays, whose shardings are used) - see `abstract_state`. The saved mesh does not matter.
+        The step's files are checked against their hashes first; fallback=True (a resume) goes back to the newest
+        older step that verifies, and meta["step"] tells which one was restored.
         """
         ocp = _ocp()
-        step = self._step(step)
+        self._settle()
+        step = self._verified_step(step, fallback)
         target = abstract_state(target_state)
         params_t, rest_t = _split_state(target)
         flat_t, treedef, paths = _flat(rest_t)
@@ -273,7 +354,8 @@ class CheckpointManager:
         shardings: None (all on the first local device), one Sharding for every leaf, or a pytree of them.
         """
         ocp = _ocp()
-        step = self._step(step)
+        self._settle()
+        step = self._verified_step(step, fallback=False)
         md = self._mngr.item_metadata(step)["params"]
         target = _params_target(getattr(md, "tree", md), shardings)
         r = self._mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
@@ -289,6 +371,52 @@ def _params_target(metadata_tree, shardings):
                             is_leaf=is_leaf)
     return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=s), metadata_tree,
                         shardings, is_leaf=is_leaf)
+
+
+def _non_finite(*trees) -> str | None:
+    """A few words on the first float leaf holding NaN/inf, or None when every one is finite."""
+    for tree in trees:
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) and not bool(jnp.isfinite(x).all()):
+                return f"{jax.tree_util.keystr(path)} is not finite"
+    return None
+
+
+def _file_hashes(step_dir: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(step_dir.rglob("*")):
+        if p.is_file() and not p.name.startswith(MANIFEST):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[str(p.relative_to(step_dir))] = h.hexdigest()
+    return out
+
+
+def _seal(step_dir: Path):
+    """Record the hash of every file of a finished step (atomically: a manifest is whole or absent)."""
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(_file_hashes(step_dir), indent=1) + "\n")
+    tmp.rename(step_dir / MANIFEST)
+
+
+def _check_seal(step_dir: Path) -> str | None:
+    manifest = step_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        want = json.loads(manifest.read_text())
+    except ValueError:
+        return f"its {MANIFEST} is unreadable"
+    have = _file_hashes(step_dir)
+    for name, digest in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name] != digest:
+            return f"{name} does not match its recorded hash (changed or truncated on disk)"
+    extra = sorted(set(have) - set(want))
+    return f"{extra[0]} was not part of it" if extra else None
 
 
 def _is_complete(step_dir: Path) -> bool:
@@ -329,7 +457,9 @@ def check_output_dir(directory, resume: bool, overwrite: bool, config=None) -> i
                     shutil.rmtree(p)
         print0(f"--overwrite: removed the checkpoints in {directory}")
         return None
-    meta = CheckpointManager(directory, max_to_keep=None, async_save=False).read_meta(step)
+    mngr = CheckpointManager(directory, max_to_keep=None, async_save=False)
+    good = mngr.verified_steps()   # a damaged newest step is reported (and skipped) by the restore itself
+    meta = mngr.read_meta(good[-1]) if good else {}
     want = _config_dict(config)
     if want is not None and meta.get("model_config") not in (None, want):
         diff = sorted(k for k in set(want) | set(meta["model_config"])

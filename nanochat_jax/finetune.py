@@ -285,7 +285,7 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
     loop_state, start_step = L.LoopState(), 0
     if resume_step is not None:
-        state, loader_state, m = ckpt.restore(state, resume_step)
+        state, loader_state, m = ckpt.restore(state, resume_step, fallback=True)
         if loader_state:
             batches.set_state(loader_state)
         loop_state, start_step = L.LoopState.from_dict(m.get("loop")), int(m.get("step", resume_step))

@@ -280,7 +280,7 @@ def main(argv=None):
     batches = MicroBatches(loader, plan.accum, mesh)
     loop_state, start = LoopState(), 0
     if resume_step is not None:
-        state, loader_state, meta = ckpt.restore(state, resume_step)
+        state, loader_state, meta = ckpt.restore(state, resume_step, fallback=args.resume_from_step is None)
         if loader_state:
             batches.set_state(loader_state)
         loop_state = LoopState.from_dict(meta.get("loop"))

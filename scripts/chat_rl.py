@@ -113,7 +113,7 @@ def main(argv=None):
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
     start, cursor, history = 0, 0, {}
     if resume_step is not None:
-        state, loader_state, m = ckpt.restore(state, resume_step)
+        state, loader_state, m = ckpt.restore(state, resume_step, fallback=True)
         start, cursor = int(m.get("step", resume_step)), int((loader_state or {}).get("cursor", 0))
         history = m.get("history") or {}
         print0(f"resumed from {out_dir}/{start} (next problem {cursor})")

@@ -320,3 +320,72 @@ def test_real_train_state_fsdp8_restores_on_one_device_and_tp_mesh(tmp_path):
         assert restored.params["wte"].sharding.mesh.shape == mesh.shape
         assert_tree_equal(jax.tree.map(np.asarray, restored), host)
     mngr.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity: sealed steps, damaged files, non-finite states, a full disk
+
+def _saved_run(tmp_path, steps=(1, 2), keep=3):
+    state = make_state(make_params())
+    mngr = ck.CheckpointManager(tmp_path / "run", max_to_keep=keep)
+    for s in steps:
+        mngr.save(s, state, {"pos": s}, {"model_config": CONFIG})
+    mngr.wait()
+    return state, mngr
+
+
+def _biggest_file(step_dir):
+    return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != ck.MANIFEST),
+               key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "zero"])
+def test_a_damaged_step_is_one_clear_error_and_a_resume_falls_back(tmp_path, damage, capsys):
+    state, mngr = _saved_run(tmp_path)
+    assert all((tmp_path / "run" / str(s) / ck.MANIFEST).is_file() for s in (1, 2))
+    f = _biggest_file(tmp_path / "run" / "2")
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        data = bytearray(len(data))
+    f.write_bytes(bytes(data))
+    rel = str(f.relative_to(tmp_path / "run" / "2"))
+    with pytest.raises(UserError, match=f"/2 is damaged: {rel}"):
+        mngr.restore_params()                                   # an inference load: refused, in one line
+    with pytest.raises(UserError, match="damaged"):
+        mngr.restore(ck.abstract_state(state), 2)               # an explicit step: no silent fallback
+    restored, loader_state, meta = mngr.restore(ck.abstract_state(state), 2, fallback=True)   # a resume
+    assert meta["step"] == 1 and loader_state == {"pos": 1}
+    assert_tree_equal(restored, state)
+    assert "resuming from step 1" in capsys.readouterr().out
+    mngr.close()
+
+
+def test_a_non_finite_state_is_never_saved_and_older_steps_survive(tmp_path):
+    state, mngr = _saved_run(tmp_path, steps=(1, 2), keep=2)
+    bad = state._replace(params={**state.params, "wte": state.params["wte"].at[0, 0].set(jnp.nan)})
+    with pytest.raises(UserError, match=r"step 3: .*\['wte'\] is not finite.*steps \[1, 2\] are intact"):
+        mngr.save(3, bad, {}, {})
+    mngr.wait()
+    assert mngr.all_steps() == [1, 2] and mngr.verified_steps() == [1, 2]   # nothing rotated out
+    mngr.save(3, state, {}, {})
+    mngr.wait()
+    assert mngr.all_steps() == [2, 3]                           # pruned only once step 3 is sealed
+    mngr.close()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_dir(tmp_path, monkeypatch):
+    import errno
+    state, mngr = _saved_run(tmp_path, steps=(1,))
+
+    def full(*a, **k):
+        (tmp_path / "run" / "2.orbax-checkpoint-tmp-123").mkdir()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(mngr._mngr, "save", full)
+    with pytest.raises(UserError, match=r"no space left on device while saving step 2; steps \[1\] are intact"):
+        mngr.save(2, state, {}, {})
+    assert not list((tmp_path / "run").glob("*tmp*"))
+    assert mngr.verified_steps() == [1]
