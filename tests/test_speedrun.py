@@ -4,8 +4,8 @@ TensorBoard files and report.md, and serves the final model over HTTP."""
 
 import importlib
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
