@@ -318,7 +318,7 @@ def describe(config: ModelConfig, batch_size: int | None = None, num_steps: int 
         f"rope base {config.rope_base:,}",
     ]
     if config.recipe == "2026":
-        lines.append(f"windows {['full' if w == FULL_CONTEXT else w for w in config.window_sizes]} | value-embed layers {list(config.ve_layers)} | "
+        lines.append(f"windows {list(config.window_sizes)} | value-embed layers {list(config.ve_layers)} | "
                      f"backout after layer {config.backout_layer}")
     lines += [f"params {k}: {v:,}" for k, v in p.items()]
     lines += [

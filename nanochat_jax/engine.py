@@ -1,11 +1,20 @@
-"""Generation: a static KV cache, a jitted prefill per prompt-length bucket, one jitted decode step, sampling inside
-the jit, and nanochat's tool-use state machine on the host between steps.
+"""Generation: a static KV cache, a jitted prefill per prompt-length bucket, decoding in device-side chunks of
+steps with sampling inside the jit, and nanochat's tool-use state machine on the host between chunks.
 
-Shapes never depend on a prompt or a step: the cache is (L, B, Tmax, KV, D) for a fixed batch of B *rows*, each
-row at its own position (pos: int32[B], traced), so rows at different positions share one decode step. A prompt is
-prefilled in a batch-1 cache, padded up to a length bucket (powers of two up to max_len), then copied into the rows
-that will continue it (num_samples rows share one prefill). Compiled functions: one prefill per bucket used, one
-decode step (and one row-admission function) per batch size and per sampling kind (plain, or top-k/top-p).
+Shapes never depend on a prompt or a step: the cache holds, per layer, (B, KV, D, Tmax) keys and (B, KV, Tmax, D)
+values (see model.KVCache) for a fixed batch of B *rows*, each row at its own position (pos: int32[B], traced), so
+rows at different positions share one decode step. A prompt is prefilled in a batch-1 cache, padded up to a length
+bucket (powers of two up to max_len), then copied into the rows that will continue it (num_samples rows share one
+prefill).
+
+Decoding runs up to DECODE_CHUNK steps per device call (`Engine._chunk`, a `lax.while_loop`): every step feeds each
+row's last token back in, and a row pauses on the device where the host must act (a stop token, a closed tool
+call, its token budget), so the host sees the same tokens as with one call per step, without a round trip per
+token. `generate`/`generate_batch` run whole chunks; `stream` and `BatchScheduler` size theirs to about
+STREAM_SECONDS from the measured step time, so text still arrives every few tens of milliseconds. While a row has
+tool output to force in, the batch takes single steps (`Engine._step`). Compiled functions: one prefill per bucket
+used, and one chunk, one single step and one row-admission function per batch size and sampling kind (plain, or
+top-k/top-p).
 
     engine = Engine(params, config, tokenizer)
     results, masks = engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8, top_k=50)
@@ -260,9 +269,9 @@ class Engine:
 
             tokens, pos (B,): each row's token to feed and its position; budget (B,) int32: how many tokens the row
             may still take (0: the row sits this chunk out); in_python (B,) bool: the row is inside a tool call;
-            stop (P,) int32: the stop tokens (-1 pads); python (2,) int32: <|python_start|>, <|python_end|>. A row pauses where the host must act: after a stop token,
-            after <|python_end|> closing a tool call (the tool's output is forced in next), or when its budget is
-            spent. A paused row feeds its last token at its last position again, rewriting the same cache entry,
+            stop (P,) int32: the stop tokens (-1 pads); python (2,) int32: <|python_start|>, <|python_end|>.
+            A row pauses where the host must act: after a stop token, after <|python_end|> closing a tool call (the
+            tool's output is forced in next), or when its budget is spent. A paused row feeds its last token at its last position again, rewriting the same cache entry,
             until the chunk ends. The chunk ends after n_steps (traced, <= DECODE_CHUNK), when no row is live,
             or, with exit_on_pause, as soon as any row pauses (so the host can free and refill it).
             -> (out (B, DECODE_CHUNK) int32: row b's new tokens in out[b, :count[b]], count (B,), cache)."""

@@ -325,7 +325,8 @@ def test_cached_decode_2025_recipe():
     for p in range(30, 40):
         logits, cache = step(params, jnp.asarray(seqs[:, p:p + 1]), cache, jnp.full(2, p, jnp.int32), config)
         np.testing.assert_allclose(logits[:, 0], full[:, p], rtol=0, atol=1e-5)
-    assert len(cache.k) == 2 and cache.k[0].shape == (2, 2, 64, 64) and cache.v[0].shape == (2, 2, 64, 64) and cache.tokens.shape == (2, 64)
+    assert len(cache.k) == len(cache.v) == 2 and cache.tokens.shape == (2, 64)
+    assert cache.k[0].shape == (2, 2, 64, 64) and cache.v[0].shape == (2, 2, 64, 64)   # (B, KV, D, T), (B, KV, T, D)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
