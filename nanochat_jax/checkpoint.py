@@ -458,8 +458,9 @@ def check_output_dir(directory, resume: bool, overwrite: bool, config=None) -> i
         print0(f"--overwrite: removed the checkpoints in {directory}")
         return None
     mngr = CheckpointManager(directory, max_to_keep=None, async_save=False)
-    good = mngr.verified_steps()   # a damaged newest step is reported (and skipped) by the restore itself
-    meta = mngr.read_meta(good[-1]) if good else {}
+    # the config check reads the newest step that verifies (a damaged one is reported, and skipped, by the restore)
+    good = next((s for s in reversed(mngr.all_steps()) if mngr.verify(s) is None), None)
+    meta = mngr.read_meta(good) if good is not None else {}
     want = _config_dict(config)
     if want is not None and meta.get("model_config") not in (None, want):
         diff = sorted(k for k in set(want) | set(meta["model_config"])
