@@ -21,7 +21,7 @@ is sealed, so the last good state is never lost.
 A weights-only export (`export_weights`) is one directory: `params/` (bf16 by default, no optimizer state),
 `export.json` (meta + model_config) and `tokenizer/`.
 
-`load_model_from_path(path)` accepts (DESIGN.md §4) a run's directory (newest step), one step's directory, an
+`load_model_from_path(path)` accepts a run's directory (newest step), one step's directory, an
 export, or a stage directory (newest tag); `load_model(source, model_tag, step)` finds the same under the base dir.
 """
 
@@ -626,7 +626,7 @@ def load_model_from_path(path, step: int | None = None, shardings=None, dtype=jn
 
 def load_model_from_args(args, **kwargs):
     """(params, config, tokenizer, meta) for the model the flags name: `--checkpoint PATH` (with `--step`), else
-    `--source` / `--model-tag` / `--step` under the base dir (DESIGN.md §4)."""
+    `--source` / `--model-tag` / `--step` under the base dir."""
     if getattr(args, "checkpoint", None):
         return load_model_from_path(args.checkpoint, step=args.step, **kwargs)
     return load_model(args.source, args.model_tag, args.step, **kwargs)
@@ -654,7 +654,7 @@ def load_model(source: str, model_tag: str | None = None, step: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# nanochat checkpoints, read without torch (DESIGN.md §6)
+# nanochat checkpoints, read without torch
 # A torch .pt file is a zip: <archive>/data.pkl (the pickled state_dict) and <archive>/data/<key> (raw storage
 # bytes). The pickle is read by a restricted unpickler that admits only the tensor-rebuild functions, storage types
 # and OrderedDict; any other class in the file is refused. The tokenizer pickle (a tiktoken Encoding) likewise:

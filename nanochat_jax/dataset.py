@@ -334,7 +334,7 @@ def check_parquet(path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The pretraining shard sets (DESIGN.md §6)
+# The pretraining shard sets (nanochat's Hugging Face datasets)
 
 HF_DATASETS = "https://huggingface.co/datasets"
 # name -> (HF repo, number of shards). The last shard of each set is its validation split.

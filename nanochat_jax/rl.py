@@ -8,7 +8,7 @@
 - reward: the task's `reward(conversation, completion)` (GSM8K: 1.0 for an exact `####` match), else `evaluate`;
 - advantage: r - mean(r) over the k samples of one problem (no division by the std, no KL, no ratio clipping);
 - loss: token-level normalised policy gradient, -Σ adv · log p(token) / Σ valid tokens over the whole step (every
-  problem and micro-batch together, DESIGN.md §4's one loss definition). Only sampled tokens count: the prompt,
+  problem and micro-batch together: the one loss definition of train.py). Only sampled tokens count: the prompt,
   the tool outputs the engine forced in (engine mask 0) and the padding have target -1.
 - pass@k: a problem is solved at k when any of its first k samples is right (`pass_at_k`).
 """

@@ -1,7 +1,7 @@
 """Meshes, the one table of partition rules, batch placement and multi-host start-up.
 
 The mesh always has two named axes, `data` and `model` (size 1 unless asked for), with Auto axis types (classic
-GSPMD: jit propagates shardings, no `out_sharding` annotations needed; DESIGN.md §5). Parallelism is a choice of
+GSPMD: jit propagates shardings, no `out_sharding` annotations needed). Parallelism is a choice of
 column in RULES, not a code path:
   dp    params and optimizer state replicated, batch split over `data`;
   fsdp  params and optimizer state sharded over `data` too (ZeRO-3 style; XLA gathers weights where used);

@@ -5,7 +5,7 @@ inside the jit), and a jitted eval loss.
     step = make_train_step(config, tx, mesh, shardings, lr_fn=optim.lr_multiplier(opt_cfg, num_steps))
     state, metrics = step(state, sharding.put_batch({"inputs": x, "targets": y}, mesh))   # x, y: (A, B, T) int32
 
-One loss definition (DESIGN.md §4): Σ token losses / Σ valid tokens over the WHOLE accumulated batch. The count is
+One loss definition: Σ token losses / Σ valid tokens over the WHOLE accumulated batch. The count is
 taken from the targets before the accumulation loop, so each micro-batch contributes its share of the final mean
 gradient directly, and a fully masked micro-batch contributes exactly zero (no NaN).
 float16 compute: dynamic loss scaling (x2 after `growth_interval` finite steps; on a non-finite gradient the step is

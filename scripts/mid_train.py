@@ -12,7 +12,7 @@ Mixture (nanochat): SmolTalk, MMLU auxiliary train, GSM8K train (calculator tool
 conversations twice, SpellingBee and SimpleSpelling. A task whose data cannot be had offline is skipped with a
 one-line note (the CPU miniature keeps identity and spelling, and whatever task data is cached). LR: the base
 recipe's LRs, constant, then a linear decay to 0 over the last 20% of the steps; Muon momentum warms up as in
-pretraining. The loss is the masked conversation loss (DESIGN.md §4). Checkpoints go to
+pretraining. The loss is the masked conversation loss (train.py's one loss definition). Checkpoints go to
 <base>/checkpoints/mid/<tag>, curves to <base>/tensorboard/mid/<run>, a "Midtraining" section to the report.
 """
 

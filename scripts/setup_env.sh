@@ -2,7 +2,7 @@
 # Usage: source scripts/setup_env.sh [EXTRAS]     e.g. `source scripts/setup_env.sh dev`
 # Re-installs only when pyproject.toml or the Rust sources changed since the last install.
 # NANOCHAT_VENV picks another venv location; NANOCHAT_SKIP_INSTALL=1 uses the current python as it is
-# (offline GPU nodes whose python already has jax, flax, optax, orbax, tiktoken: see DESIGN.md §7).
+# (offline GPU nodes whose python already has jax, flax, optax, orbax, tiktoken).
 _nc_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 _nc_extras=${1:-}
 if [ "${NANOCHAT_SKIP_INSTALL:-0}" != "1" ]; then

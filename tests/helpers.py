@@ -9,15 +9,13 @@ import numpy as np
 import pytest
 
 NANOCHAT_REF = Path(__file__).resolve().parent / "fixtures" / "nanochat_ref"
-SHARED_REF = Path("/work/shared/fixtures/nanochat_ref")  # the full set (head_d6_gqa2 too), when present
 
 
 def fixture_path(name: str, suffix: str = ".npz") -> Path:
-    """Path of `<name><suffix>`, from tests/fixtures, else the shared copy; skips the test when neither exists."""
-    for d in (NANOCHAT_REF, SHARED_REF):
-        p = d / f"{name}{suffix}"
-        if p.is_file():
-            return p
+    """Path of `<name><suffix>` in tests/fixtures/nanochat_ref; skips the test when it is not there."""
+    p = NANOCHAT_REF / f"{name}{suffix}"
+    if p.is_file():
+        return p
     pytest.skip(f"fixture {name}{suffix} not available")
 
 

@@ -11,7 +11,7 @@ from helpers import load_ref, max_rel, ref_state_dict
 from nanochat_jax import common, convert, model
 from nanochat_jax.config import ModelConfig, flops_per_token, num_params
 
-FIXTURES = ["orig_d2", "head_d4", "head_d4_gqa", "head_d6_gqa2"]  # head_d6_gqa2 only where /work/shared exists
+FIXTURES = ["orig_d2", "head_d4", "head_d4_gqa", "head_d6_gqa2"]
 
 forward = jax.jit(model.forward, static_argnums=2)
 loss_and_grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=3)

