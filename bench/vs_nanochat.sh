@@ -82,7 +82,8 @@ model.to_empty(device="cpu"); torch.manual_seed(0); model.init_weights(); model.
 engine = Engine(model, tok)
 prompt = [tok.get_bos_token_id()] + list(range(300, 331))          # 32 tokens
 def run(B, n):
-    t0 = time.perf_counter(); steps = sum(1 for _ in engine.generate(prompt, num_samples=B, max_tokens=n, temperature=0.0))
+    t0 = time.perf_counter()
+    steps = sum(1 for _ in engine.generate(prompt, num_samples=B, max_tokens=n, temperature=0.0))
     return B * steps / (time.perf_counter() - t0)
 with torch.inference_mode():
     for B in (1, 8):

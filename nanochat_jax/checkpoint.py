@@ -212,20 +212,18 @@ class CheckpointManager:
     # -- integrity ------------------------------------------------------------------------------------------------
 
     def _settle(self):
-        """Wait for a running save, seal every complete step not sealed yet, then prune to max_to_keep."""
+        """Wait for this manager's running save, seal that step, then prune to max_to_keep. Only steps this
+        manager wrote are sealed: a restore never writes into a checkpoint directory."""
         try:
             self._mngr.wait_until_finished()
         except OSError as err:
             self._disk_error(self._saving, err)
-        self._saving = None
-        if process_index() != 0:
+        step, self._saving = self._saving, None
+        if step is None or process_index() != 0 or step not in self.all_steps():
             return
-        for s in self.all_steps():
-            if not (self.directory / str(s) / MANIFEST).is_file():
-                _seal(self.directory / str(s))
-        if self.max_to_keep:
-            sealed = [s for s in self.all_steps() if (self.directory / str(s) / MANIFEST).is_file()]
-            for s in sealed[:-self.max_to_keep]:
+        _seal(self.directory / str(step))
+        if self.max_to_keep:   # the newer step is on disk and sealed: only now may the oldest go
+            for s in self.all_steps()[:-self.max_to_keep]:
                 self._mngr.delete(s)
 
     def _disk_error(self, step, err: OSError):
@@ -458,9 +456,14 @@ def check_output_dir(directory, resume: bool, overwrite: bool, config=None) -> i
         print0(f"--overwrite: removed the checkpoints in {directory}")
         return None
     mngr = CheckpointManager(directory, max_to_keep=None, async_save=False)
-    # the config check reads the newest step that verifies (a damaged one is reported, and skipped, by the restore)
-    good = next((s for s in reversed(mngr.all_steps()) if mngr.verify(s) is None), None)
-    meta = mngr.read_meta(good) if good is not None else {}
+    # the config check reads the newest meta that reads (the files are checked, once, by the restore that follows)
+    meta = {}
+    for s in reversed(mngr.all_steps()):
+        try:
+            meta = mngr.read_meta(s)
+            break
+        except Exception:  # a damaged step, whatever Orbax's JSON reader raises: the restore reports it
+            continue
     want = _config_dict(config)
     if want is not None and meta.get("model_config") not in (None, want):
         diff = sorted(k for k in set(want) | set(meta["model_config"])

@@ -271,9 +271,10 @@ class Engine:
             may still take (0: the row sits this chunk out); in_python (B,) bool: the row is inside a tool call;
             stop (P,) int32: the stop tokens (-1 pads); python (2,) int32: <|python_start|>, <|python_end|>.
             A row pauses where the host must act: after a stop token, after <|python_end|> closing a tool call (the
-            tool's output is forced in next), or when its budget is spent. A paused row feeds its last token at its last position again, rewriting the same cache entry,
-            until the chunk ends. The chunk ends after n_steps (traced, <= DECODE_CHUNK), when no row is live,
-            or, with exit_on_pause, as soon as any row pauses (so the host can free and refill it).
+            tool's output is forced in next), or when its budget is spent. A paused row feeds its last token at its
+            last position again, rewriting the same cache entry, until the chunk ends. The chunk ends after n_steps
+            (traced, <= DECODE_CHUNK), when no row is live, or, with exit_on_pause, as soon as any row pauses (so the
+            host can free and refill it).
             -> (out (B, DECODE_CHUNK) int32: row b's new tokens in out[b, :count[b]], count (B,), cache)."""
             B = tokens.shape[0]
             out = jnp.zeros((B, DECODE_CHUNK), jnp.int32)
@@ -529,11 +530,11 @@ class _DecodeBatch:
         if not self.active:
             return 0
         if max_steps > 1 and self.logits_hook is None and not any(r is not None and r.forced for r in self.rows):
-            return self._chunk(min(max_steps, DECODE_CHUNK), exit_on_pause)
+            return self._run_chunk(min(max_steps, DECODE_CHUNK), exit_on_pause)
         self._single_step()
         return 1
 
-    def _chunk(self, n: int, exit_on_pause: bool) -> int:
+    def _run_chunk(self, n: int, exit_on_pause: bool) -> int:
         e = self.e
         budget = np.zeros(self.B, np.int32)
         in_python = np.zeros(self.B, bool)
