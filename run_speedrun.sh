@@ -63,7 +63,7 @@ fi
 
 export PYTHONUNBUFFERED=1
 if [ "$DRY" = 1 ]; then
-  # planning needs only the standard library and nanochat_jax.config: no install
+  # planning needs only the standard library and nanochat_jax.core.config: no install
   PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 elif python3 -c 'import jax, flax, optax, orbax.checkpoint, tiktoken, numpy, sys; sys.exit(jax.default_backend() != "gpu")' \

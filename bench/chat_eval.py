@@ -23,9 +23,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nanochat_jax import model  # noqa: E402
-from nanochat_jax.common import ArgumentParser, print0, run_main  # noqa: E402
-from nanochat_jax.config import ModelConfig  # noqa: E402
-from nanochat_jax.engine import Engine  # noqa: E402
+from nanochat_jax.core.common import ArgumentParser, print0, run_main  # noqa: E402
+from nanochat_jax.core.config import ModelConfig  # noqa: E402
+from nanochat_jax.infer.engine import Engine  # noqa: E402
 from nanochat_jax.evaluation.chat_eval import run_generative  # noqa: E402
 from nanochat_jax.tasks.gsm8k import GSM8K  # noqa: E402
 

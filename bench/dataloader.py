@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanochat_jax import dataloader as dl  # noqa: E402
+from nanochat_jax.data import dataloader as dl  # noqa: E402
 
 
 def find(state, key):
@@ -66,8 +66,8 @@ def steady_crop(lengths, T, rows, buffer_size=1000):
 
 
 def get_bench_tokenizer():
-    from nanochat_jax.dataset import embedded_corpus
-    from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
+    from nanochat_jax.data.dataset import embedded_corpus
+    from nanochat_jax.data.tokenizer import Tokenizer, get_tokenizer
     try:
         return get_tokenizer(), "base dir tokenizer"
     except Exception:
@@ -82,8 +82,11 @@ def step_rate(depth, T, steps):
     """Tokens/s of the real jitted train step (d`depth`, one row of T tokens per step, one CPU device)."""
     try:
         import jax
-        from nanochat_jax import model, optim, sharding, train
-        from nanochat_jax.config import ModelConfig
+        from nanochat_jax import model
+        from nanochat_jax import optim
+        from nanochat_jax.core import sharding
+        from nanochat_jax.train import loop as train
+        from nanochat_jax.core.config import ModelConfig
     except ImportError as e:
         return None, f"train step not available ({e})"
     config = ModelConfig.from_depth(depth, max_seq_len=T)
@@ -117,7 +120,7 @@ def main():
     args = ap.parse_args()
     B, T = args.batch, args.seq_len
 
-    from nanochat_jax.dataset import pretokenize
+    from nanochat_jax.data.dataset import pretokenize
     tmp = Path(tempfile.mkdtemp(prefix="bench_dataloader_"))
     tok, how = get_bench_tokenizer()
     t0 = time.perf_counter()

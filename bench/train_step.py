@@ -58,8 +58,11 @@ def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None
     """(config, state, step fn, batch, muon-only update fn + args) for a fresh d`depth` model."""
     import jax
     import numpy as np
-    from nanochat_jax import model, optim, sharding, train
-    from nanochat_jax.config import ModelConfig
+    from nanochat_jax import model
+    from nanochat_jax import optim
+    from nanochat_jax.core import sharding
+    from nanochat_jax.train import loop as train
+    from nanochat_jax.core.config import ModelConfig
     config = ModelConfig.from_depth(depth, max_seq_len=seq, **({"vocab_size": vocab} if vocab else {}))
     mesh = sharding.make_mesh(mesh_spec, devices=devices)
     params = model.init_params(config, jax.random.PRNGKey(0))
@@ -79,7 +82,8 @@ def muon_fn(config, blocks, mesh, mode="dp", split_muon=True):
     """(jitted Muon update, its args) on `blocks`; split over the mesh's devices, or every device repeating all of it
     (its state then whole on every device too)."""
     import jax
-    from nanochat_jax import optim, sharding
+    from nanochat_jax import optim
+    from nanochat_jax.core import sharding
     muon = optim.muon(0.02, recipe=config.recipe, mesh=mesh if split_muon else None)
     bsh = jax.tree.map(lambda a: a.sharding, blocks)
     msh = sharding.tree_shardings(jax.eval_shape(muon.init, blocks), mesh, mode)
@@ -96,7 +100,7 @@ def bench_depth(depth, seq, batch, steps, dot_rate, peak, accum=1, vocab=None):
     rate drifts by 10% within a minute); the row takes the median of each."""
     import jax
     import numpy as np
-    from nanochat_jax.config import flops_per_token
+    from nanochat_jax.core.config import flops_per_token
     config, state, step, data, _ = build(depth, seq, batch, accum=accum, vocab=vocab)
     holder = {"state": state}
 
@@ -143,7 +147,7 @@ def muon_share(depth, seq, batch, steps, mesh_spec=None, accum=1, vocab=None) ->
 
 
 def main(argv=None):
-    from nanochat_jax.common import ArgumentParser, parse_args, print0
+    from nanochat_jax.core.common import ArgumentParser, parse_args, print0
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", default="4,6,8", help="comma-separated depths")
     parser.add_argument("--seq", type=int, default=512, help="sequence length")
@@ -159,7 +163,7 @@ def main(argv=None):
     args = parse_args(parser, "bench_train_step", argv)
 
     import jax
-    from nanochat_jax.common import compute_dtype, enable_compilation_cache
+    from nanochat_jax.core.common import compute_dtype, enable_compilation_cache
     enable_compilation_cache()
     if args.muon_child:
         print(json.dumps(muon_share(args.muon_depth, args.seq, args.batch, args.steps, accum=args.accum,
@@ -211,5 +215,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from nanochat_jax.common import run_main
+    from nanochat_jax.core.common import run_main
     run_main(main)

@@ -20,8 +20,8 @@ directory: it is tokenized once into <base dir>/pretok and reused. Checkpoints g
 import dataclasses
 import math
 
-from nanochat_jax import config as cfg
-from nanochat_jax.common import (ArgumentParser, UserError, compute_dtype, enable_compilation_cache, parse_args, print0,
+from nanochat_jax.core import config as cfg
+from nanochat_jax.core.common import (ArgumentParser, UserError, compute_dtype, enable_compilation_cache, parse_args, print0,
                                  run_main)
 
 
@@ -151,7 +151,7 @@ def make_opt_config(args, plan: Plan):
 def val_batches(val_shards, tokenizer, plan: Plan):
     """The validation stream: global (rows, T) batches in corpus order (repeating; a split smaller than one batch
     is read anyway: nanochat's embedded-corpus miniature holds out only ~3k tokens)."""
-    from nanochat_jax.dataloader import pretrain_loader
+    from nanochat_jax.data.dataloader import pretrain_loader
     return pretrain_loader(val_shards, plan.rows, plan.seq_len, tokenizer.get_bos_token_id(), shuffle=False,
                            fingerprint=tokenizer.fingerprint(), require_full_batch=False, process_index=0,
                            process_count=1)
@@ -174,10 +174,10 @@ def core_bundle(args):
 def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh, bundle=None):
     import jax
     import numpy as np
-    from nanochat_jax import sharding as shd
+    from nanochat_jax.core import sharding as shd
     from nanochat_jax.evaluation import greedy_samples, make_greedy_step
     from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn
-    from nanochat_jax.train import Hook
+    from nanochat_jax.train.loop import Hook
     config = plan.config
     pi, pc = jax.process_index(), jax.process_count()
     eval_steps = max(1, args.eval_tokens // (plan.rows * plan.seq_len))
@@ -225,13 +225,13 @@ def main(argv=None):
         args.resume = True
 
     # -- compute set-up (before anything touches a device) ----------------------------------------------------------
-    from nanochat_jax import sharding as shd
+    from nanochat_jax.core import sharding as shd
     shd.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
     import jax
     enable_compilation_cache()
 
     # -- tokenizer, model config, mesh, batch plan ------------------------------------------------------------------
-    from nanochat_jax.tokenizer import get_tokenizer
+    from nanochat_jax.data.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
     config = cfg.config_from_args(args, tokenizer.get_vocab_size())
     if config.vocab_size < tokenizer.get_vocab_size():
@@ -246,8 +246,8 @@ def main(argv=None):
     print0(f"optimizer: {opt_cfg}")
 
     # -- data (a missing path fails here, before the output dir is touched) -----------------------------------------
-    from nanochat_jax.dataloader import pretrain_loader
-    from nanochat_jax.dataset import ensure_pretokenized
+    from nanochat_jax.data.dataloader import pretrain_loader
+    from nanochat_jax.data.dataset import ensure_pretokenized
     train_shards, val_shards = ensure_pretokenized(args.data_path, tokenizer)
     if not train_shards or not val_shards:
         raise UserError(f"{args.data_path}: needs both a train and a validation split")
@@ -258,7 +258,7 @@ def main(argv=None):
 
     # -- output directory: refuse to clobber, resume when asked -----------------------------------------------------
     from pathlib import Path
-    from nanochat_jax.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
+    from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
     tag = args.model_tag or f"d{config.n_layer}"
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else checkpoint_dir("base", tag)
     resume_step = check_output_dir(out_dir, args.resume, args.overwrite, config)
@@ -266,7 +266,9 @@ def main(argv=None):
         resume_step = args.resume_from_step
 
     # -- model, optimizer, train step -------------------------------------------------------------------------------
-    from nanochat_jax import model, optim, train
+    from nanochat_jax import model
+    from nanochat_jax import optim
+    from nanochat_jax.train import loop as train
     params = model.init_params(config, jax.random.PRNGKey(args.seed))
     tx = optim.build_optimizer(params, config, opt_cfg, plan.num_steps, mesh=mesh)
     state, shardings = train.init_train_state(params, tx, mesh, mode)
@@ -275,7 +277,7 @@ def main(argv=None):
                                     lr_fn=optim.lr_multiplier(opt_cfg, plan.num_steps))
 
     # -- resume -----------------------------------------------------------------------------------------------------
-    from nanochat_jax.train import LoopState, MicroBatches, run_loop
+    from nanochat_jax.train.loop import LoopState, MicroBatches, run_loop
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
     batches = MicroBatches(loader, plan.accum, mesh)
     loop_state, start = LoopState(), 0
@@ -290,7 +292,7 @@ def main(argv=None):
         print0(f"resumed from {out_dir}/{start} (data position {batches.position}, epoch {batches.epoch})")
 
     # -- the loop ---------------------------------------------------------------------------------------------------
-    from nanochat_jax.metrics import MetricsLogger
+    from nanochat_jax.train.metrics import MetricsLogger
     logger = MetricsLogger("base", args.run or tag)
     hooks = make_hooks(args, plan, tokenizer, val_shards, mesh, bundle)
 
@@ -309,7 +311,7 @@ def main(argv=None):
     logger.close()
 
     # -- report -----------------------------------------------------------------------------------------------------
-    from nanochat_jax import report
+    from nanochat_jax.report import writer as report
     s = result.summary
     section = {"parameters": cfg.num_params(config)["total"], "depth": config.n_layer, "recipe": config.recipe,
                "total batch size": plan.total_batch, "steps": result.step, "of steps": plan.num_steps,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, run_main
-from nanochat_jax.web import add_model_args, load_chat_model, plan_generation, stop_token_ids
+from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, run_main
+from nanochat_jax.serve import add_model_args, load_chat_model, plan_generation, stop_token_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def chat_loop(engine, tokenizer, *, read=input, out=sys.stdout, prompt=None, **g
 # Main
 
 def make_engine(params, config, tokenizer, max_len):
-    from nanochat_jax.engine import Engine
+    from nanochat_jax.infer.engine import Engine
     return Engine(params, config, tokenizer, max_len=max_len)
 
 

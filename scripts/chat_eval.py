@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
+from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
 
 
 def build_parser():
@@ -40,8 +40,8 @@ def build_parser():
 def main(argv=None):
     args = parse_args(build_parser(), "chat_eval", argv)
     enable_compilation_cache()
-    from nanochat_jax import report
-    from nanochat_jax.checkpoint import load_model_from_args
+    from nanochat_jax.report import writer as report
+    from nanochat_jax.train.checkpoint import load_model_from_args
     from nanochat_jax.evaluation.chat_eval import chatcore, evaluate_tasks
     from nanochat_jax.tasks import EVAL_TASKS, resolve_task_names
 
@@ -54,7 +54,7 @@ def main(argv=None):
     print0(f"evaluating {label} (step {meta.get('step')}) on {', '.join(names)}")
 
     def engine_factory():
-        from nanochat_jax.engine import Engine
+        from nanochat_jax.infer.engine import Engine
         return Engine(params, config, tokenizer)
 
     results, notes = evaluate_tasks(names, params, config, tokenizer, engine_factory,

@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import time
 
-from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
-from nanochat_jax import finetune as ft
+from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
+from nanochat_jax.stages import finetune as ft
 
 STAGE = "rl"
 
@@ -97,14 +97,16 @@ def main(argv=None):
            f"micro-batches, {num_steps} steps")
 
     # -- output directory -----------------------------------------------------------------------------------------
-    from nanochat_jax.checkpoint import CheckpointManager, check_output_dir
+    from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir
     tag = ft.source_tag(args, meta, config)
     out_dir = ft.output_dir(args, STAGE, tag)
     resume_step = check_output_dir(out_dir, args.resume, args.overwrite, config)
 
     # -- optimizer, step, engine ----------------------------------------------------------------------------------
-    from nanochat_jax import optim, rl, train
-    from nanochat_jax.engine import Engine
+    from nanochat_jax import optim
+    from nanochat_jax.stages import rl
+    from nanochat_jax.train import loop as train
+    from nanochat_jax.infer.engine import Engine
     opt_cfg = ft.stage_opt_config(args, config, STAGE)
     tx = optim.build_optimizer(params, config, opt_cfg, num_steps, mesh=mesh)
     state, shardings = train.init_train_state(params, tx, mesh, mode)
@@ -131,8 +133,8 @@ def main(argv=None):
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     top_k = args.top_k or None
 
-    from nanochat_jax.metrics import MetricsLogger
-    from nanochat_jax import sharding as shd
+    from nanochat_jax.train.metrics import MetricsLogger
+    from nanochat_jax.core import sharding as shd
     logger = MetricsLogger(STAGE, args.run or tag)
     rewards_seen, passk = history.get("rewards", []), history.get("passk") or {}
     t_train = history.get("train_seconds", 0.0)
@@ -154,7 +156,7 @@ def main(argv=None):
                    "user_config": dict(vars(args))}, force=force)
 
     # -- the loop (on policy: every rollout uses the params of the step it trains) --------------------------------
-    from nanochat_jax.checkpoint import StopRequest
+    from nanochat_jax.train.checkpoint import StopRequest
     pi, pc = jax.process_index(), jax.process_count()
 
     def local_rows(batch):
@@ -210,7 +212,7 @@ def main(argv=None):
         logger.close()
 
     # -- report ---------------------------------------------------------------------------------------------------
-    from nanochat_jax import report
+    from nanochat_jax.report import writer as report
     first = rewards_seen[: max(1, len(rewards_seen) // 10)]
     last = rewards_seen[-max(1, len(rewards_seen) // 10):]
     section = {"source": label, "task": train_task.name, "train problems": len(train_task), "steps": step,

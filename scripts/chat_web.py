@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 
-from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
-from nanochat_jax.web import add_model_args, load_chat_model, model_label
+from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
+from nanochat_jax.serve import add_model_args, load_chat_model, model_label
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ class DeviceEngine:
 
     def __init__(self, params, config, tokenizer, device, slots: int = 1):
         import jax
-        from nanochat_jax.engine import BatchScheduler, Engine
+        from nanochat_jax.infer.engine import BatchScheduler, Engine
         self.device = device
         with jax.default_device(device):
             self.engine = Engine(jax.device_put(params, device), config, tokenizer, max_batch=max(slots, 1))
@@ -80,7 +80,7 @@ class DeviceEngine:
 
 def build_workers(params, config, tokenizer, num_workers: int | None, slots: int):
     import jax
-    from nanochat_jax.web import Worker
+    from nanochat_jax.serve import Worker
     devices = jax.local_devices()
     if num_workers is None:
         num_workers = 1 if devices[0].platform == "cpu" else len(devices)
@@ -101,7 +101,7 @@ def build_workers(params, config, tokenizer, num_workers: int | None, slots: int
 
 def main(argv=None):
     args = parse_args(build_parser(), "chat_web", argv)
-    from nanochat_jax.web import (MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, create_app, plan_generation,
+    from nanochat_jax.serve import (MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, create_app, plan_generation,
                                   serve)
     if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
         raise UserError(f"-t/--temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]")
@@ -111,7 +111,7 @@ def main(argv=None):
         raise UserError(f"-m/--max-tokens must be in [{MAX_TOKENS_RANGE[0]}, {MAX_TOKENS_RANGE[1]}]")
     # each exchange (and each HTTP request) is logged; other libraries' INFO chatter (orbax) is not
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    for name in ("nanochat_jax.web", "werkzeug"):
+    for name in ("nanochat_jax.serve", "werkzeug"):
         logging.getLogger(name).setLevel(logging.INFO)
     enable_compilation_cache()
 

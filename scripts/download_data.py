@@ -13,8 +13,8 @@ Downloads are parallel (-w threads), retried with exponential backoff, resumed w
 temporary name and renamed when whole; shards already there are skipped.
 """
 
-from nanochat_jax import dataset
-from nanochat_jax.common import ArgumentParser, UserError, parse_args, print0, run_main
+from nanochat_jax.data import dataset
+from nanochat_jax.core.common import ArgumentParser, UserError, parse_args, print0, run_main
 
 DEFAULT_SHARDS = 8  # enough for the tokenizer (~2B characters), as nanochat's speedrun fetches first
 

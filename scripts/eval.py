@@ -2,7 +2,7 @@
 docs teach, the same as `python -m scripts.chat_eval`."""
 
 from scripts.chat_eval import main
-from nanochat_jax.common import run_main
+from nanochat_jax.core.common import run_main
 
 if __name__ == "__main__":
     run_main(main)

@@ -18,8 +18,8 @@ pretraining. The loss is the masked conversation loss (train.py's one loss defin
 
 from __future__ import annotations
 
-from nanochat_jax.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
-from nanochat_jax import finetune as ft
+from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
+from nanochat_jax.stages import finetune as ft
 
 STAGE = "mid"
 

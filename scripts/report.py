@@ -5,14 +5,14 @@
     python -m scripts.report generate                # at the end: <base dir>/report/report.md + plots beside it
     python -m scripts.report generate --output report.md
 
-Each stage writes its own section under <base dir>/report/ as it finishes (nanochat_jax.report.log); `generate`
+Each stage writes its own section under <base dir>/report/ as it finishes (nanochat_jax.report.writer.log); `generate`
 stitches them under a header (git commit, hardware, software, hourly cost, code size), a summary table (CORE, ARC,
 MMLU, GSM8K, HumanEval, ChatCORE at BASE/MID/SFT/RL), the total wall-clock time and cost, and PNG plots of the loss
 curves and LR schedules drawn from the training stages' metrics.jsonl files (beside their TensorBoard events).
 """
 
-from nanochat_jax import report
-from nanochat_jax.common import ArgumentParser, UserError, parse_args, print0, run_main
+from nanochat_jax.report import writer as report
+from nanochat_jax.core.common import ArgumentParser, UserError, parse_args, print0, run_main
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import shlex
 import tomllib
 from pathlib import Path
 
-from nanochat_jax.common import ArgumentParser, UserError, load_preset, parse_args, run_main
+from nanochat_jax.core.common import ArgumentParser, UserError, load_preset, parse_args, run_main
 
 REPO = Path(__file__).resolve().parent.parent
 SPEEDRUN_DEFAULTS = {"gpus": 8, "dataset": "", "shards": 0, "tokenizer_shards": 8, "rl": False, "offline": False}
@@ -52,7 +52,7 @@ def speedrun_table(path: Path) -> dict:
 
 def base_plan(path: Path, gpus: int):
     """(extra flags, plan text, tag) of base_train on `gpus` devices (at least 1: a CPU is one device)."""
-    from nanochat_jax import config as cfg
+    from nanochat_jax.core import config as cfg
     from scripts import base_train
     args = parse_args(base_train.build_parser(), "base_train", ["--config", str(path)])
     vocab = load_preset(path, "tok_train").get("vocab_size", VOCAB_DEFAULT)

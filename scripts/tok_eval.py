@@ -9,10 +9,10 @@ import json
 import os
 from pathlib import Path
 
-from nanochat_jax import report
-from nanochat_jax.common import ArgumentParser, UserError, parse_args, print0, run_main
-from nanochat_jax.dataset import describe_embedded, iter_documents
-from nanochat_jax.tokenizer import Tokenizer, tokenizer_dir
+from nanochat_jax.report import writer as report
+from nanochat_jax.core.common import ArgumentParser, UserError, parse_args, print0, run_main
+from nanochat_jax.data.dataset import describe_embedded, iter_documents
+from nanochat_jax.data.tokenizer import Tokenizer, tokenizer_dir
 
 # -----------------------------------------------------------------------------------------------------------------
 # Samples of each kind of text (written for this script)

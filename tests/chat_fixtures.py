@@ -19,7 +19,7 @@ VOCAB = 512
 @functools.lru_cache(maxsize=None)
 def tiny_tokenizer(vocab_size: int = VOCAB):
     """A BPE tokenizer trained on identity, spelling and GSM8K-like text (vocab 512 by default)."""
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     texts = []
     for c in identity_conversations():
         texts += [m["content"] for m in c["messages"]]
@@ -35,7 +35,7 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
 
 
 def tiny_config(tokenizer=None, depth: int = 2, seq_len: int = 128, recipe: str = "2025"):
-    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.core.config import ModelConfig
     vocab = (tokenizer or tiny_tokenizer()).get_vocab_size()
     return ModelConfig.from_depth(depth, d_model=64, head_dim=32, vocab_size=vocab, max_seq_len=seq_len,
                                   recipe=recipe)
@@ -52,7 +52,7 @@ def tiny_params(config, seed: int = 0, scale_lm_head: float = 0.5):
 
 def save_base_checkpoint(base_dir: Path, tokenizer, config, params, tag: str = "d2") -> Path:
     """A one-step 'base' checkpoint (params + an Adam-free train state) under <base>/checkpoints/base/<tag>."""
-    from nanochat_jax.checkpoint import CheckpointManager, checkpoint_dir
+    from nanochat_jax.train.checkpoint import CheckpointManager, checkpoint_dir
     out = checkpoint_dir("base", tag)
     tokenizer.save(Path(base_dir) / "tokenizer")
     ckpt = CheckpointManager(out, async_save=False, tokenizer=tokenizer)

@@ -24,7 +24,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 @pytest.fixture(autouse=True, scope="session")
 def _jax_setup():
-    from nanochat_jax.common import enable_compilation_cache
+    from nanochat_jax.core.common import enable_compilation_cache
     enable_compilation_cache(os.environ["NANOCHAT_JAX_CACHE"])
     yield
 

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from nanochat_jax import config as cfg
-from nanochat_jax.common import UserError, parse_args
+from nanochat_jax.core import config as cfg
+from nanochat_jax.core.common import UserError, parse_args
 from scripts import base_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ WORDS = ("the a cat dog runs jumps over under quick brown lazy fox bird sings tr
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A base dir with a tiny tokenizer (vocab 300) and a 400-document corpus file."""
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     root = tmp_path_factory.mktemp("base_train")
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) + "." for _ in range(400)]
@@ -65,7 +65,7 @@ def losses(world, run: str) -> dict[int, float]:
 
 
 def params_at(directory, step):
-    from nanochat_jax.checkpoint import CheckpointManager
+    from nanochat_jax.train.checkpoint import CheckpointManager
     m = CheckpointManager(directory, max_to_keep=None, async_save=False)
     try:
         params, meta = m.restore_params(step)
@@ -143,7 +143,7 @@ def test_2026_optimizer_gets_the_batch_lr_scale_and_2025_does_not():
 def good_ckpt(world, monkeypatch, tmp_path):
     """An Orbax checkpoint of the d2 model (what `check_output_dir` reads), in a fresh output dir."""
     import jax
-    from nanochat_jax.checkpoint import CheckpointManager
+    from nanochat_jax.train.checkpoint import CheckpointManager
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(world.base))
     a = parse_args(base_train.build_parser(), "base_train", TINY)
     config = cfg.config_from_args(a, 300)
@@ -230,7 +230,7 @@ def test_a_run_writes_checkpoint_meta_tensorboard_and_report(world, tmp_path):
 @pytest.mark.slow
 def test_exact_resume_after_sigkill(world, tmp_path):
     """8 steps straight == 4 steps, SIGKILL once the step-4 checkpoint has committed, resume for 4 more."""
-    from nanochat_jax.checkpoint import CheckpointManager
+    from nanochat_jax.train.checkpoint import CheckpointManager
     common = ["--num-iterations", "8", "--save-every", "4"]
     train(world, *common, "--output-dir", str(tmp_path / "straight"), "--run", "straight")
 
@@ -267,7 +267,7 @@ def test_exact_resume_after_sigkill(world, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_complete_checkpoint_that_resumes(world, tmp_path):
-    from nanochat_jax.checkpoint import CheckpointManager
+    from nanochat_jax.train.checkpoint import CheckpointManager
     out = tmp_path / "term"
     args = ["--num-iterations", "60", "--output-dir", str(out), "--run", "term"]
     proc = subprocess.Popen(cmd(world, *args), env=env(world), cwd=REPO, stdout=subprocess.PIPE,
@@ -317,11 +317,12 @@ def test_hooks_compute_val_bpb_samples_and_core(world, monkeypatch):
     """The three periodic evaluations on a tiny untrained model: val bpb near log2(vocab)/bytes per token, one
     sample line per prompt, CORE and per-task CORE under core/ (evaluate_core itself is stubbed here)."""
     import jax
-    from nanochat_jax import model, sharding as shd
-    from nanochat_jax.dataset import ensure_pretokenized
+    from nanochat_jax import model
+    from nanochat_jax.core import sharding as shd
+    from nanochat_jax.data.dataset import ensure_pretokenized
     from nanochat_jax.evaluation import SAMPLE_PROMPTS
     from nanochat_jax.evaluation import core as core_mod
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(world.base))
     tok = Tokenizer.from_directory(world.base / "tokenizer")
     args = parse_args(base_train.build_parser(), "base_train", TINY + ["--eval-tokens", "256"])
@@ -349,7 +350,7 @@ def test_hooks_compute_val_bpb_samples_and_core(world, monkeypatch):
 
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_a_common_step(world, tmp_path):
-    from nanochat_jax.checkpoint import CheckpointManager
+    from nanochat_jax.train.checkpoint import CheckpointManager
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

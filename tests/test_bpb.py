@@ -54,7 +54,7 @@ def test_bpb_uses_only_requested_steps_and_sums_over_batches():
 
 def test_bpb_with_the_real_model_equals_numpy_from_its_logits():
     from nanochat_jax import model
-    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.core.config import ModelConfig
     config = ModelConfig.from_depth(2, d_model=64, n_heads=2, vocab_size=100, max_seq_len=32)
     params = model.init_params(config, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
@@ -74,7 +74,7 @@ def test_bpb_with_the_real_model_equals_numpy_from_its_logits():
 
 def test_base_loss_end_to_end(base_dir, tmp_path):
     """scripts.base_loss on a tiny saved model and a small text corpus: finite bpb for both splits, samples."""
-    from nanochat_jax import report
+    from nanochat_jax.report import writer as report
     from scripts import base_loss
     from test_core_eval import save_tiny_base_model
     save_tiny_base_model(seq_len=32)
@@ -92,7 +92,7 @@ def test_decoded_byte_counts_are_nanochat_2025s():
     """nanochat 2025 counted each token's bytes decoded on its own: a token holding part of a UTF-8 character counts
     3 (U+FFFD). Raw counts (2026, the default) and decoded counts agree on ASCII and differ there."""
     from nanochat_jax.evaluation.bpb import bytes_note
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     ranks = {bytes([i]): i for i in range(256)}
     ranks["é".encode()] = 256               # a whole 2-byte character
     ranks[b"a\xc3"] = 257                   # 'a' and the first byte of 'é'

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nanochat_jax.common import UserError
+from nanochat_jax.core.common import UserError
 from tests.chat_fixtures import FixtureHub, arc_rows, gsm8k_rows, save_base_checkpoint, tiny_config, tiny_params, \
     tiny_tokenizer
 
@@ -33,7 +33,7 @@ def _jsonl_tags(path):
 
 @pytest.mark.slow
 def test_base_mid_sft_rl_eval_chain(base_dir, hub, tmp_path):
-    from nanochat_jax import report
+    from nanochat_jax.report import writer as report
     from scripts import chat_eval, chat_rl, chat_sft, mid_train
     from scripts import eval as eval_alias
     tok = tiny_tokenizer()

@@ -34,7 +34,7 @@ def test_categorical_is_argmax_over_letter_logits(tiny):
 
 
 def test_generative_batched_equals_one_by_one(tiny):
-    from nanochat_jax.engine import Engine
+    from nanochat_jax.infer.engine import Engine
     tok, cfg, params = tiny
     task = GSM8K(rows=gsm8k_rows(6))
     engine = Engine(params, cfg, tok, max_batch=16)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from nanochat_jax import rl
+from nanochat_jax.stages import rl
 from tests.chat_fixtures import tiny_config, tiny_params, tiny_tokenizer
 
 
@@ -55,8 +55,11 @@ def test_pg_loss_is_advantage_weighted_logprob():
 def test_toy_problem_rewarded_answer_becomes_more_likely():
     """One prompt; the answer is a single sampled token among the top 4; only token X is rewarded. A few GRPO steps
     raise p(X | prompt)."""
-    from nanochat_jax import model, optim, sharding, train
-    from nanochat_jax.engine import Engine
+    from nanochat_jax import model
+    from nanochat_jax import optim
+    from nanochat_jax.core import sharding
+    from nanochat_jax.train import loop as train
+    from nanochat_jax.infer.engine import Engine
     tok = tiny_tokenizer()
     cfg = tiny_config(tok, seq_len=64)
     params = tiny_params(cfg, seed=3)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from nanochat_jax.common import UserError
+from nanochat_jax.core.common import UserError
 from tests.chat_fixtures import tiny_config, tiny_params, tiny_tokenizer
 
 CONVS = [
@@ -21,7 +21,9 @@ CONVS = [
 
 
 def _setup(T=64):
-    from nanochat_jax import optim, sharding, train
+    from nanochat_jax import optim
+    from nanochat_jax.core import sharding
+    from nanochat_jax.train import loop as train
     tok = tiny_tokenizer()
     cfg = tiny_config(tok, seq_len=T)
     params = tiny_params(cfg)
@@ -52,8 +54,8 @@ def _hand_loss(params, cfg, tok, convs, T):
 
 
 def test_masked_loss_equals_hand_computation_on_two_conversations():
-    from nanochat_jax import sharding
-    from nanochat_jax.dataloader import sft_loader
+    from nanochat_jax.core import sharding
+    from nanochat_jax.data.dataloader import sft_loader
     T = 64
     tok, cfg, params, mesh, state, step = _setup(T)
     loader = sft_loader(CONVS, tok, 2, T, packing="pad", shuffle=False, process_index=0, process_count=1)
@@ -73,8 +75,8 @@ def test_masked_loss_equals_hand_computation_on_two_conversations():
 
 
 def test_fully_masked_micro_batch_gives_no_nan():
-    from nanochat_jax import sharding
-    from nanochat_jax.dataloader import sft_loader
+    from nanochat_jax.core import sharding
+    from nanochat_jax.data.dataloader import sft_loader
     T = 64
     tok, cfg, params, mesh, state, step = _setup(T)
     loader = sft_loader(CONVS, tok, 2, T, packing="pad", shuffle=False, process_index=0, process_count=1)

@@ -15,8 +15,8 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax import checkpoint as ck
-from nanochat_jax.common import UserError
+from nanochat_jax.train import checkpoint as ck
+from nanochat_jax.core.common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,7 +179,7 @@ def test_fsdp_checkpoint_restores_on_one_device_and_on_data4_model2(tmp_path):
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import jax, jax.numpy as jnp
-    from nanochat_jax import checkpoint as ck
+    from nanochat_jax.train import checkpoint as ck
     d = sys.argv[1]
     mngr = ck.CheckpointManager(d, max_to_keep=5)
     big = {"params": {"w": jnp.ones((2048, 1024))}, "opt": {"m": jnp.zeros((2048, 1024))}}
@@ -293,10 +293,11 @@ def test_meta_with_numpy_values_is_saved_as_json(tmp_path):
 @pytest.mark.slow
 def test_real_train_state_fsdp8_restores_on_one_device_and_tp_mesh(tmp_path):
     """The real TrainState (Muon + AdamW state after one step), FSDP over 8 devices -> 1 device and data4 x model2."""
-    train = pytest.importorskip("nanochat_jax.train")
-    shd = pytest.importorskip("nanochat_jax.sharding")
-    from nanochat_jax import model, optim
-    from nanochat_jax.config import ModelConfig
+    train = pytest.importorskip("nanochat_jax.train.loop")
+    shd = pytest.importorskip("nanochat_jax.core.sharding")
+    from nanochat_jax import model
+    from nanochat_jax import optim
+    from nanochat_jax.core.config import ModelConfig
     config = ModelConfig.from_depth(2, d_model=64, n_heads=2, vocab_size=128, max_seq_len=16)
     params = model.init_params(config, jax.random.PRNGKey(0))
     mesh8 = shd.make_mesh("data=8")

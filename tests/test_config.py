@@ -5,8 +5,9 @@ import math
 import jax
 import pytest
 
-from nanochat_jax import common, config as cfgmod
-from nanochat_jax.config import ModelConfig, add_model_args, config_from_args
+from nanochat_jax.core import common
+from nanochat_jax.core import config as cfgmod
+from nanochat_jax.core.config import ModelConfig, add_model_args, config_from_args
 
 
 def test_from_depth_follows_nanochat_sizing():

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from helpers import load_ref, ref_state_dict
-from nanochat_jax import common, convert, model
-from nanochat_jax.config import ModelConfig
+from nanochat_jax.core import common
+from nanochat_jax.interop import convert
+from nanochat_jax import model
+from nanochat_jax.core.config import ModelConfig
 
 
 @pytest.mark.parametrize("name,recipe", [("orig_d2", "2025"), ("head_d4", "2026"), ("head_d4_gqa", "2026")])

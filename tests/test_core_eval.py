@@ -245,7 +245,7 @@ def test_download_and_evaluate_core(base_dir, bundle_server, monkeypatch, tmp_pa
 
 
 def test_bad_bundle_url_is_a_user_error(base_dir, bundle_server, monkeypatch):
-    from nanochat_jax.common import UserError
+    from nanochat_jax.core.common import UserError
     url, _ = bundle_server
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url.replace("eval_bundle", "missing"))
     with pytest.raises(UserError):
@@ -258,9 +258,10 @@ def test_bad_bundle_url_is_a_user_error(base_dir, bundle_server, monkeypatch):
 def save_tiny_base_model(tag="d2", seq_len=64):
     """A d2 model with a byte-level tokenizer (vocab 256 + 9 specials), saved as a base checkpoint."""
     import jax
-    from nanochat_jax import checkpoint as ck, model
-    from nanochat_jax.config import ModelConfig
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.train import checkpoint as ck
+    from nanochat_jax import model
+    from nanochat_jax.core.config import ModelConfig
+    from nanochat_jax.data.tokenizer import Tokenizer
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     config = ModelConfig.from_depth(2, d_model=64, n_heads=2, vocab_size=tok.get_vocab_size(), max_seq_len=seq_len)
     params = model.init_params(config, jax.random.PRNGKey(0))
@@ -272,7 +273,8 @@ def save_tiny_base_model(tag="d2", seq_len=64):
 
 
 def test_base_eval_end_to_end(base_dir, bundle_server, monkeypatch):
-    from nanochat_jax import model, report
+    from nanochat_jax import model
+    from nanochat_jax.report import writer as report
     from scripts import base_eval
     url, _ = bundle_server
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanochat_jax import dataloader as dl
-from nanochat_jax.common import UserError
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.data import dataloader as dl
+from nanochat_jax.core.common import UserError
+from nanochat_jax.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 BOS = 0
@@ -277,7 +277,7 @@ TWO_PROC = textwrap.dedent("""
     import jax, numpy as np
     jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
     from jax.sharding import Mesh
-    from nanochat_jax import dataloader as dl
+    from nanochat_jax.data import dataloader as dl
     paths = json.loads(sys.argv[3])
     # 40 docs of 7 tokens + bos = 8; T + 1 = 16: each row holds exactly two whole documents
     loader = dl.pretrain_loader(paths, 4, 15, 0, packing="concat", seed=1)

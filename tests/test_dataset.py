@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from nanochat_jax import dataset
-from nanochat_jax.common import UserError, run_main
-from nanochat_jax.dataloader import ShardDocs, TokenShard
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.data import dataset
+from nanochat_jax.core.common import UserError, run_main
+from nanochat_jax.data.dataloader import ShardDocs, TokenShard
+from nanochat_jax.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

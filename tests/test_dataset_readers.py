@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from nanochat_jax.common import UserError
-from nanochat_jax.dataset import describe_embedded, embedded_corpus, iter_documents
+from nanochat_jax.core.common import UserError
+from nanochat_jax.data.dataset import describe_embedded, embedded_corpus, iter_documents
 
 
 def write_parquet(path, columns: dict, row_group_size=None):

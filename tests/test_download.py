@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from nanochat_jax import dataset
-from nanochat_jax.common import UserError
+from nanochat_jax.data import dataset
+from nanochat_jax.core.common import UserError
 
 
 def parquet_bytes(index: int, n_docs: int = 50) -> bytes:
@@ -202,8 +202,8 @@ def test_download_data_script(server, base_dir, capsys):
 
 
 def test_downloaded_shards_feed_iter_documents_and_the_pretokenizer(server, base_dir, monkeypatch):
-    from nanochat_jax.dataloader import ShardDocs
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.dataloader import ShardDocs
+    from nanochat_jax.data.tokenizer import Tokenizer
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
     monkeypatch.setenv("NANOCHAT_DATASET", "fineweb-edu-100b")
     with pytest.raises(UserError, match="download_data"):

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from nanochat_jax.execution import calculator, execute_code, landlock_abi, network_namespace_available
+from nanochat_jax.infer.execution import calculator, execute_code, landlock_abi, network_namespace_available
 
 
 def test_normal_code_returns_stdout():

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from helpers import load_ref, ref_state_dict
-from nanochat_jax import checkpoint as ck
-from nanochat_jax.common import UserError
+from nanochat_jax.train import checkpoint as ck
+from nanochat_jax.core.common import UserError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def write_torch_pt(path, tensors: dict, archive="archive"):
 def write_tokenizer_pkl(path, n_ranks: int):
     """A nanochat-style tokenizer.pkl: a pickled tiktoken Encoding with `n_ranks` ranks + the 9 specials."""
     import tiktoken
-    from nanochat_jax.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
+    from nanochat_jax.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN
     ranks = {bytes([i]): i for i in range(256)}
     letters = b"abcdefghijklmnopqrstuvwxyz"
     for a in letters:
@@ -166,5 +166,5 @@ def test_import_gives_nanochat_logits(tmp_path, base_dir, name):
     logits = model.forward(params, jnp.asarray(arrays["idx"]), config)
     np.testing.assert_allclose(np.asarray(logits), arrays["logits"], atol=1e-5, rtol=0)
     with pytest.raises(SystemExit):
-        from nanochat_jax.common import run_main
+        from nanochat_jax.core.common import run_main
         run_main(import_nanochat.main, [str(src)])      # the destination exists: one-line error, exit 2

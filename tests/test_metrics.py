@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from nanochat_jax.metrics import MetricsLogger
+from nanochat_jax.train.metrics import MetricsLogger
 
 
 def _read_events(log_dir):

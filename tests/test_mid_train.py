@@ -2,7 +2,7 @@
 
 import pytest
 
-from nanochat_jax import finetune as ft
+from nanochat_jax.stages import finetune as ft
 from tests.chat_fixtures import FixtureHub, tiny_config, tiny_tokenizer
 
 

@@ -26,7 +26,7 @@ def test_bundle_format_and_core_loads_it(tmp_path):
 def test_core_runs_every_task(tmp_path):
     """evaluate_core over the bundle with a stand-in scorer whose greedy check always passes: the LM task scores 1."""
     import numpy as np
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     out = mini_bundle.build_mini_bundle(tmp_path / "b", lm_size=10)
     tok = Tokenizer.train_from_iterator([" ".join(f"w{i} x{i * 7}" for i in range(400))] * 3, 300)
     r = core.evaluate_core(None, None, tok, bundle_dir=out, max_per_task=5,

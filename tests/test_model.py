@@ -1,4 +1,4 @@
-"""Facts about nanochat_jax/model.py: parity with nanochat's own numbers, and what a GPT must do."""
+"""Facts about nanochat_jax/model: parity with nanochat's own numbers, and what a GPT must do."""
 
 import math
 
@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from helpers import load_ref, max_rel, ref_state_dict
-from nanochat_jax import common, convert, model
-from nanochat_jax.config import ModelConfig, flops_per_token, num_params
+from nanochat_jax.core import common
+from nanochat_jax.interop import convert
+from nanochat_jax import model
+from nanochat_jax.model import kernels_cpu
+from nanochat_jax.core.config import ModelConfig, flops_per_token, num_params
 
 FIXTURES = ["orig_d2", "head_d4", "head_d4_gqa", "head_d6_gqa2"]
 
@@ -179,8 +182,8 @@ def test_blocked_causal_attention_equals_sdpa_values_and_grads_with_gqa(monkeypa
     with its own softmax gradient: the same attention as jax.nn.dot_product_attention, forward and backward."""
     config = ModelConfig.from_depth(2, d_model=128, n_heads=4, n_kv_heads=2, max_seq_len=256)
     calls = []
-    real = model.blocked_causal_attention
-    monkeypatch.setattr(model, "blocked_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernels_cpu.blocked_causal_attention
+    monkeypatch.setattr(kernels_cpu, "blocked_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(5), 4)
     q, g = jax.random.normal(kq, (2, 256, 4, 32)), jax.random.normal(kg, (2, 256, 4, 32))
     k, v = jax.random.normal(kk, (2, 256, 2, 32)), jax.random.normal(kv, (2, 256, 2, 32))
@@ -196,11 +199,11 @@ def test_blocked_causal_attention_equals_sdpa_values_and_grads_with_gqa(monkeypa
 @pytest.mark.parametrize("tn_max", [4096, 0], ids=["token-contracting", "transposed-copy"])
 @pytest.mark.parametrize("k,m", [(24, 40), (40, 8)])   # x smaller than g, and larger (g is transposed then)
 def test_cpu_matmul_gradient_equals_autodiffs_in_every_layout(k, m, tn_max, monkeypatch):
-    monkeypatch.setattr(model, "TN_DW_MAX", tn_max)
+    monkeypatch.setattr(kernels_cpu, "TN_DW_MAX", tn_max)
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(4), 3)
     x, w = jax.random.normal(kx, (3, 16, k)), jax.random.normal(kw, (k, m))
     g = jax.random.normal(kg, (3, 16, m))
-    ours = jax.grad(lambda x, w: (model._cpu_matmul(x, w) * g).sum(), argnums=(0, 1))(x, w)
+    ours = jax.grad(lambda x, w: (kernels_cpu._cpu_matmul(x, w) * g).sum(), argnums=(0, 1))(x, w)
     plain = jax.grad(lambda x, w: (jnp.dot(x, w, precision="highest") * g).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(ours, plain):
         assert max_rel(np.asarray(a), np.asarray(b)) <= 1e-6

@@ -36,7 +36,7 @@ def load_fixture(name):
 
 
 def to_params(sd, model_config):
-    from nanochat_jax import convert
+    from nanochat_jax.interop import convert
     params, config = convert.from_nanochat(sd, model_config)
     return jax.tree.map(jnp.asarray, params), config
 

@@ -2,7 +2,7 @@
 
 import time
 
-from nanochat_jax import report
+from nanochat_jax.report import writer as report
 
 
 def test_log_writes_section_file(base_dir):

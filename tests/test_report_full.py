@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
-from nanochat_jax import plot, report
-from nanochat_jax.metrics import MetricsLogger
+from nanochat_jax.report import plot
+from nanochat_jax.report import writer as report
+from nanochat_jax.train.metrics import MetricsLogger
 
 
 def _fake_run(base_dir):

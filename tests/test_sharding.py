@@ -16,9 +16,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from nanochat_jax import optim, sharding, train  # noqa: E402
-from nanochat_jax.common import UserError  # noqa: E402
-from nanochat_jax.config import ModelConfig  # noqa: E402
+from nanochat_jax import optim
+from nanochat_jax.core import sharding
+from nanochat_jax.train import loop as train  # noqa: E402
+from nanochat_jax.core.common import UserError  # noqa: E402
+from nanochat_jax.core.config import ModelConfig  # noqa: E402
 
 
 def tiny_config(**kw):
@@ -78,7 +80,7 @@ def test_make_mesh_shapes_and_errors():
 
 
 def test_mesh_mismatch_is_one_line_for_users(capsys):
-    from nanochat_jax.common import run_main
+    from nanochat_jax.core.common import run_main
     with pytest.raises(SystemExit) as e:
         run_main(lambda argv: sharding.make_mesh("data=16"))
     assert e.value.code == 2

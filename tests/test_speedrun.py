@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_jax.common import parse_args
+from nanochat_jax.core.common import parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))

@@ -7,7 +7,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from nanochat_jax.common import UserError
+from nanochat_jax.core.common import UserError
 from nanochat_jax.tasks import (ARC, GSM8K, HumanEval, SimpleSpelling, SpellingBee, TaskMixture, extract_answer,
                                 get_task, load_custom, resolve_task_names)
 from nanochat_jax.tasks.gsm8k import solution_parts
@@ -81,7 +81,7 @@ HUMANEVAL_ROW = {"task_id": "t/0", "prompt": "import math\n\ndef add(a, b):\n   
 
 
 def test_humaneval_scoring_in_sandbox():
-    pytest.importorskip("nanochat_jax.execution")
+    pytest.importorskip("nanochat_jax.infer.execution")
     task = HumanEval(rows=[HUMANEVAL_ROW], timeout=3.0)
     conv = task[0]
     assert task.evaluate(conv, conv["messages"][1]["content"]) == 1                       # right
@@ -169,7 +169,7 @@ def hub(tmp_path, monkeypatch, base_dir):
 
 
 def test_arc_downloads_and_caches(hub, base_dir):
-    import nanochat_jax.dataset as dataset
+    import nanochat_jax.data.dataset as dataset
     assert hasattr(dataset, "download_file")
     task = ARC("ARC-Easy", "test")
     assert len(task) == 2

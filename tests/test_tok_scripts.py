@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_jax.tokenizer import Tokenizer
+from nanochat_jax.data.tokenizer import Tokenizer
 from scripts import tok_eval, tok_train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from nanochat_jax.common import UserError
-from nanochat_jax.tokenizer import (MIN_VOCAB, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer,
+from nanochat_jax.core.common import UserError
+from nanochat_jax.data.tokenizer import (MIN_VOCAB, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_tokenizer,
                                     tokenizer_dir)
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax import train as loop_mod
+from nanochat_jax.train import loop as loop_mod
 
 Hook, LoopState, MicroBatches, run_loop = loop_mod.Hook, loop_mod.LoopState, loop_mod.MicroBatches, loop_mod.run_loop
 
@@ -193,7 +193,7 @@ def test_mfu_appears_only_with_a_known_peak(monkeypatch):
 
 
 def test_microbatches_stack_accumulation_steps_and_keep_this_process_rows():
-    from nanochat_jax import sharding as shd
+    from nanochat_jax.core import sharding as shd
 
     class Rows:
         position, epoch = 0, 1

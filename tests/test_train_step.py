@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax import common, optim, sharding, train
-from nanochat_jax.config import ModelConfig
+from nanochat_jax.core import common
+from nanochat_jax import optim
+from nanochat_jax.core import sharding
+from nanochat_jax.train import loop as train
+from nanochat_jax.core.config import ModelConfig
 
 
 def tiny_config(**kw):
@@ -135,7 +138,7 @@ def test_float16_dynamic_loss_scaling(monkeypatch):
         batch = sharding.put_batch({"inputs": x, "targets": np.roll(x, -1, axis=-1)}, mesh)
         scales, finite, losses = [], [], []
         p0 = jax.device_get(state.params)["wte"]
-        for i in range(14):
+        for i in range(24):   # enough to come down from 2^30 and grow back whatever the init's draws
             prev = jax.device_get(state.params)["wte"]
             state, m = step(state, batch)
             m = jax.device_get(m)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nanochat_jax.web import (MAX_BODY_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, Worker, create_app,
+from nanochat_jax.serve import (MAX_BODY_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, Worker, create_app,
                               render_prompt)
 from webfakes import FakeEngine, FakeTokenizer, SPECIALS, last_user_text, request, running_server, sse_events
 
@@ -380,7 +380,7 @@ def test_client_disconnect_frees_the_slot():
 def test_chat_web_main_serves_with_flags(monkeypatch):
     from types import SimpleNamespace
 
-    import nanochat_jax.web as web
+    import nanochat_jax.serve as web
     import scripts.chat_web as chat_web
 
     engine, servers = FakeEngine(), []
@@ -417,7 +417,7 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
 
 def test_chat_web_bad_flags():
     import scripts.chat_web as chat_web
-    from nanochat_jax.common import UserError
+    from nanochat_jax.core.common import UserError
     for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"]):
         with pytest.raises(UserError):
             chat_web.main(argv)
@@ -428,7 +428,7 @@ def test_chat_web_bad_flags():
 
 @pytest.fixture(scope="module")
 def real_tokenizer():
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     ranks = {bytes([i]): i for i in range(256)}
     for pair in (b"th", b"he", b"e ", b" t", b"re"):  # a few merges, so tokens are not just bytes
         ranks[pair] = len(ranks)
@@ -448,8 +448,8 @@ def tiny_export(real_tokenizer, tmp_path_factory):
     """A random d2 model with the real tokenizer, written as a weights-only export."""
     import jax
 
-    from nanochat_jax.checkpoint import export_weights
-    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.train.checkpoint import export_weights
+    from nanochat_jax.core.config import ModelConfig
     from nanochat_jax.model import init_params
     config = ModelConfig.from_depth(2, vocab_size=real_tokenizer.get_vocab_size(), max_seq_len=128)
     params = init_params(config, jax.random.PRNGKey(0))
@@ -458,9 +458,9 @@ def tiny_export(real_tokenizer, tmp_path_factory):
 
 @pytest.mark.slow
 def test_real_engine_serves_a_tiny_random_model(tiny_export):
-    pytest.importorskip("nanochat_jax.engine")
-    from nanochat_jax.checkpoint import load_model_from_path
-    from nanochat_jax.engine import Engine
+    pytest.importorskip("nanochat_jax.infer.engine")
+    from nanochat_jax.train.checkpoint import load_model_from_path
+    from nanochat_jax.infer.engine import Engine
     params, config, tokenizer, meta = load_model_from_path(tiny_export)
     app = create_app([Engine(params, config, tokenizer)], tokenizer, max_context=config.sequence_len,
                      temperature=0.0, max_tokens=12)
@@ -480,7 +480,7 @@ def test_real_engine_serves_a_tiny_random_model(tiny_export):
 
 @pytest.mark.slow
 def test_chat_cli_answers_with_a_tiny_random_model(tiny_export):
-    pytest.importorskip("nanochat_jax.engine")
+    pytest.importorskip("nanochat_jax.infer.engine")
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "-m", "scripts.chat", "--checkpoint", str(tiny_export), "-p", "hello",
@@ -491,8 +491,8 @@ def test_chat_cli_answers_with_a_tiny_random_model(tiny_export):
 @pytest.mark.slow
 def test_continuous_batching_server_with_a_tiny_random_model(tiny_export):
     """chat_web's engines (BatchScheduler, 4 rows): 8 concurrent clients complete; a disconnect frees its row."""
-    pytest.importorskip("nanochat_jax.engine")
-    from nanochat_jax.checkpoint import load_model_from_path
+    pytest.importorskip("nanochat_jax.infer.engine")
+    from nanochat_jax.train.checkpoint import load_model_from_path
     from scripts.chat_web import build_workers
     params, config, tokenizer, meta = load_model_from_path(tiny_export)
     workers = build_workers(params, config, tokenizer, 1, 4)

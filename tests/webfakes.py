@@ -85,7 +85,7 @@ class FakeEngine:
 @contextlib.contextmanager
 def running_server(app):
     """Serve `app` on a free port of 127.0.0.1 (werkzeug, threaded); yields the port."""
-    from nanochat_jax.web import serve
+    from nanochat_jax.serve import serve
     server = serve(app, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

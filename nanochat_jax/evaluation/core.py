@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat_jax.common import UserError, get_base_dir, print0
+from nanochat_jax.core.common import UserError, get_base_dir, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's address
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -57,7 +57,7 @@ def download_eval_bundle(url: str | None = None, base_dir=None) -> Path:
     zip_path = base / "eval_bundle.zip"
     print0(f"downloading the CORE eval bundle from {url}")
     try:
-        from nanochat_jax.dataset import download_file
+        from nanochat_jax.data.dataset import download_file
     except ImportError:  # pragma: no cover - dataset.py always ships; kept so this module stands alone
         download_file = _urlretrieve
     try:

@@ -68,7 +68,7 @@ _SENTENCE = re.compile(r"[A-Z][a-z][^.!?\n]{30,160}[.]")
 
 def lm_items(n: int = 100, seed: int = 0) -> list[dict]:
     """Prose sentences of the embedded corpus: context = all but the last word, continuation = the last word."""
-    from nanochat_jax.dataset import embedded_corpus
+    from nanochat_jax.data.dataset import embedded_corpus
     found, seen = [], set()
     for doc in embedded_corpus():
         for m in _SENTENCE.finditer(doc.replace("\n", " ")):
@@ -118,7 +118,7 @@ def build_mini_bundle(out_dir, lm_size: int = 100) -> Path:
 
 def ensure_mini_bundle(base_dir=None) -> Path:
     """`<base dir>/eval_bundle_mini`, built on first use."""
-    from nanochat_jax.common import get_base_dir
+    from nanochat_jax.core.common import get_base_dir
     d = Path(base_dir) if base_dir is not None else get_base_dir()
     bundle = d / "eval_bundle_mini"
     if not (bundle / "core.yaml").is_file():

@@ -24,7 +24,7 @@ ALIASES = {"arc": ["ARC-Easy", "ARC-Challenge"], "arc-easy": ["ARC-Easy"], "arc-
 
 def resolve_task_names(spec: str | None) -> list[str]:
     """'arc,gsm8k' -> ['ARC-Easy', 'ARC-Challenge', 'GSM8K']; None or 'all' -> every eval task."""
-    from nanochat_jax.common import UserError
+    from nanochat_jax.core.common import UserError
     if not spec or spec == "all":
         return list(EVAL_TASKS)
     names = []

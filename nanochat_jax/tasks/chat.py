@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nanochat_jax.common import UserError
+from nanochat_jax.core.common import UserError
 from nanochat_jax.tasks.common import Task, hf_file, read_parquet_rows
 
 

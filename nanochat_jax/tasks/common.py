@@ -15,7 +15,7 @@ import random
 import re
 from pathlib import Path
 
-from nanochat_jax.common import UserError, get_base_dir
+from nanochat_jax.core.common import UserError, get_base_dir
 
 HF_URL_ENV = "NANOCHAT_HF_URL"  # a mirror, or a local server in the tests
 DEFAULT_HF_URL = "https://huggingface.co"
@@ -121,7 +121,7 @@ def hf_file(repo: str, path: str) -> Path:
         raise TaskDataUnavailable(f"{repo}/{path}: not cached, and NANOCHAT_OFFLINE=1")
     base = os.environ.get(HF_URL_ENV, DEFAULT_HF_URL).rstrip("/")
     url = f"{base}/datasets/{repo}/resolve/main/{path}"
-    from nanochat_jax.dataset import download_file
+    from nanochat_jax.data.dataset import download_file
     try:
         download_file(url, dest)
     except UserError as e:

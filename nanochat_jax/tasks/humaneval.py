@@ -52,6 +52,6 @@ class HumanEval(Task):
         return f"{imports}\n\n{code}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
 
     def evaluate(self, conversation, completion):
-        from nanochat_jax.execution import execute_code
+        from nanochat_jax.infer.execution import execute_code
         result = execute_code(self.program(conversation, completion), timeout=self.timeout)
         return int(bool(result.success))

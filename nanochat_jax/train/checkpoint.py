@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.common import UserError, get_base_dir, print0, process_index
+from nanochat_jax.core.common import UserError, get_base_dir, print0, process_index
 
 STAGES = ("base", "mid", "sft", "rl")
 EXPORT_META = "export.json"
@@ -564,7 +564,7 @@ def _load_export(path: Path, shardings=None):
 
 def _load_tokenizer(run_dir: Path, meta: dict):
     """The tokenizer saved beside the checkpoints, else the base dir's (checked against the fingerprint)."""
-    from nanochat_jax import tokenizer as tok_mod
+    from nanochat_jax.data import tokenizer as tok_mod
     d = run_dir / TOKENIZER_DIR
     tok = tok_mod.Tokenizer.from_directory(d) if d.is_dir() else tok_mod.get_tokenizer()
     want = meta.get("tokenizer_fingerprint")
@@ -575,7 +575,7 @@ def _load_tokenizer(run_dir: Path, meta: dict):
 
 
 def _make_config(meta: dict):
-    from nanochat_jax.config import ModelConfig
+    from nanochat_jax.core.config import ModelConfig
     if not meta.get("model_config"):
         raise UserError("checkpoint meta has no model_config")
     return ModelConfig.from_dict(meta["model_config"])
@@ -759,7 +759,7 @@ class _TiktokenUnpickler(pickle.Unpickler):
 
 def read_tiktoken_pickle(path):
     """nanochat's tokenizer.pkl (a pickled tiktoken Encoding) -> our Tokenizer, through a restricted unpickler."""
-    from nanochat_jax.tokenizer import Tokenizer
+    from nanochat_jax.data.tokenizer import Tokenizer
     path = Path(path)
     try:
         obj = _TiktokenUnpickler(io.BytesIO(path.read_bytes())).load()
@@ -802,7 +802,7 @@ def import_nanochat(src_dir, out_dir=None, step: int | None = None, stage: str |
     (base_checkpoints -> base, chatsft_checkpoints -> sft, ...), the tag from the directory's own name.
     dtype None keeps float32 (bit-exact with the source); "bfloat16" halves the size.
     """
-    from nanochat_jax.convert import from_nanochat
+    from nanochat_jax.interop.convert import from_nanochat
     src = Path(src_dir).expanduser().resolve()
     if not src.is_dir():
         raise UserError(f"{src_dir} is not a directory")

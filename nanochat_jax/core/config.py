@@ -16,7 +16,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from nanochat_jax.common import UserError
+from nanochat_jax.core.common import UserError
 
 RECIPES = ("2025", "2026")
 MLPS = ("relu2", "swiglu")

@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from nanochat_jax.common import get_base_dir, process_index
+from nanochat_jax.core.common import get_base_dir, process_index
 
 
 def report_dir() -> Path:
@@ -416,7 +416,7 @@ def make_plots(out_dir, stages=TRAIN_STAGES) -> list[tuple[str, Path]]:
     """One PNG per training stage with metrics: train loss (raw and smoothed), validation, RL reward, LR schedule.
     Returns [(stage, path)]."""
     import numpy as np
-    from nanochat_jax import plot
+    from nanochat_jax.report import plot
     out = []
     for stage in stages:
         src = latest_metrics(stage)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax.common import UserError, print0
+from nanochat_jax.core.common import UserError, print0
 
 AXES = ("data", "model")
 MODES = ("dp", "fsdp", "tp")

@@ -27,7 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nanochat_jax.common import UserError, compute_dtype
+from nanochat_jax.core.common import UserError, compute_dtype
+
+__all__ = ['NS_COEFFS_2025', 'POLAR_EXPRESS_COEFFS', 'OptConfig', 'lr_multiplier', 'muon_momentum',
+           'muon_weight_decay', 'newton_schulz_2025', 'polar_express', 'MIN_SPLIT_WORK', 'MuonState', 'muon',
+           'param_label', 'param_labels', 'adamw_groups', 'build_optimizer']
 
 # 2025: quintic Newton-Schulz coefficients, tuned to maximise the slope at zero (Keller Jordan's Muon)
 NS_COEFFS_2025 = (3.4445, -4.7750, 2.0315)

@@ -17,7 +17,7 @@ import math
 import time
 from pathlib import Path
 
-from nanochat_jax.common import get_base_dir, print0, process_index
+from nanochat_jax.core.common import get_base_dir, print0, process_index
 
 
 def _to_float(value) -> float:

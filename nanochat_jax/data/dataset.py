@@ -13,7 +13,7 @@ UTF-8, an unknown file type, a record without text, an empty corpus) raises `Use
 
 Also here: downloading the pretraining shards (`download_file`, `download_shards`, `list_shards`, `split_shards`),
 the held-out validation split of custom corpora, and `ensure_pretokenized(data_path, tokenizer)`, which turns any
-source into token shards (see `nanochat_jax.dataloader`) once and caches them under `<base dir>/pretok/`.
+source into token shards (see `nanochat_jax.data.dataloader`) once and caches them under `<base dir>/pretok/`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from nanochat_jax.common import UserError, get_base_dir, print0
+from nanochat_jax.core.common import UserError, get_base_dir, print0
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -563,7 +563,7 @@ def _init_worker(tokenizer):
 
 def _encode(tokenizer, texts: list[str], num_threads: int = 1) -> list:
     """Token arrays (uint16/uint32, not Python lists: 50M ids as ints would take ~2 GB)."""
-    from nanochat_jax.dataloader import token_dtype
+    from nanochat_jax.data.dataloader import token_dtype
     dtype = token_dtype(tokenizer.get_vocab_size())
     return [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode(texts, num_threads=num_threads)]
 
@@ -581,7 +581,7 @@ def pretokenize(source, out_dir, tokenizer, val_fraction: float = DEFAULT_VAL_FR
     meta.json: shard names, document and token counts per split, the tokenizer fingerprint.
     """
     from tqdm import tqdm
-    from nanochat_jax.dataloader import write_shard
+    from nanochat_jax.data.dataloader import write_shard
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, fp = tokenizer.get_vocab_size(), tokenizer.fingerprint()

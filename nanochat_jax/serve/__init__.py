@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("nanochat_jax.web")
+log = logging.getLogger("nanochat_jax.serve")
 
 UI_PATH = Path(__file__).resolve().parent / "ui.html"
 
@@ -513,7 +513,7 @@ def add_model_args(parser):
 
 def load_chat_model(args):
     """(params, config, tokenizer, meta) for the model chosen by add_model_args' flags."""
-    from nanochat_jax.checkpoint import load_model_from_args
+    from nanochat_jax.train.checkpoint import load_model_from_args
     return load_model_from_args(args)
 
 

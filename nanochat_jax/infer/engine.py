@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax.common import compute_dtype
-from nanochat_jax.execution import calculator
+from nanochat_jax.core.common import compute_dtype
+from nanochat_jax.infer.execution import calculator
 
 MIN_BUCKET = 16  # smallest prefill length: shorter prompts share one compiled prefill
 DECODE_CHUNK = 64        # most decode steps in one device call (the chunk's output buffer is (B, DECODE_CHUNK))

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from nanochat_jax import sharding as shd
-from nanochat_jax.common import UserError, compute_dtype
+from nanochat_jax.core import sharding as shd
+from nanochat_jax.core.common import UserError, compute_dtype
 
 FP16_INIT_SCALE = 2.0 ** 16   # torch GradScaler defaults: init 2^16, growth x2 every 2000 finite steps, backoff 0.5
 FP16_GROWTH_INTERVAL = 2000
@@ -230,8 +230,8 @@ class MicroBatches:
         return self
 
     def __next__(self) -> dict:
-        from nanochat_jax import sharding as shd
-        from nanochat_jax.dataloader import stack_microbatches
+        from nanochat_jax.core import sharding as shd
+        from nanochat_jax.data.dataloader import stack_microbatches
         stacked = stack_microbatches([next(self.loader) for _ in range(self.accum)])
         return shd.put_batch({k: self._local(v) for k, v in stacked.items()}, self.mesh)
 
@@ -325,8 +325,8 @@ def run_loop(state, step_fn, batches, *, num_steps: int, tokens_per_step: int, s
     metrics from step_fn: "loss" (required), "grad_norm", "lr" (the LR multiplier), any other scalars.
     """
     import jax
-    from nanochat_jax.checkpoint import StopRequest
-    from nanochat_jax.common import print0
+    from nanochat_jax.train.checkpoint import StopRequest
+    from nanochat_jax.core.common import print0
 
     loop = loop_state or LoopState()
     fresh = start_step == 0

@@ -14,7 +14,7 @@ import math
 import random
 from pathlib import Path
 
-from nanochat_jax.common import UserError, print0
+from nanochat_jax.core.common import UserError, print0
 
 # ---------------------------------------------------------------------------------------------------------------
 # Flags shared by the stage scripts
@@ -70,7 +70,7 @@ def add_output_args(p):
 
 def load_start(args):
     """(params fp32, config, tokenizer, meta, label) from --checkpoint PATH or --source/--model-tag/--step."""
-    from nanochat_jax.checkpoint import load_model_from_args
+    from nanochat_jax.train.checkpoint import load_model_from_args
     params, config, tokenizer, meta = load_model_from_args(args)
     label = str(args.checkpoint) if args.checkpoint else f"{args.source}/{args.model_tag or 'newest'}"
     return params, config, tokenizer, meta, label
@@ -82,8 +82,8 @@ def source_tag(args, meta, config) -> str:
         return args.out_tag
     if args.model_tag:
         return args.model_tag
-    from nanochat_jax.checkpoint import resolve_checkpoint
-    from nanochat_jax.common import get_base_dir
+    from nanochat_jax.train.checkpoint import resolve_checkpoint
+    from nanochat_jax.core.common import get_base_dir
     try:
         path = args.checkpoint or get_base_dir() / "checkpoints" / args.source
         _, run_dir, _ = resolve_checkpoint(path)
@@ -93,7 +93,7 @@ def source_tag(args, meta, config) -> str:
 
 
 def output_dir(args, stage: str, tag: str) -> Path:
-    from nanochat_jax.checkpoint import checkpoint_dir
+    from nanochat_jax.train.checkpoint import checkpoint_dir
     return Path(args.output_dir).expanduser() if args.output_dir else checkpoint_dir(stage, tag)
 
 
@@ -154,14 +154,14 @@ def stage_opt_config(args, config, stage: str, tokens_per_step: int | None = Non
     if not 0 <= warmdown <= 1:
         raise UserError(f"--warmdown-ratio must be in [0, 1], got {warmdown}")
     if config.recipe == "2026" and tokens_per_step:
-        from nanochat_jax.config import batch_lr_scale
+        from nanochat_jax.core.config import batch_lr_scale
         frac *= batch_lr_scale(tokens_per_step)
     return OptConfig.for_recipe(config.recipe, **over, weight_decay=args.weight_decay, warmup_steps=0,
                                 warmdown_ratio=warmdown, final_lr_frac=args.final_lr_frac, lr_scale=frac)
 
 
 def make_mesh_and_mode(args):
-    from nanochat_jax import sharding as shd
+    from nanochat_jax.core import sharding as shd
     mesh = shd.make_mesh(args.mesh)
     mode = args.sharding or ("tp" if mesh.shape["model"] > 1 else "dp")
     return mesh, mode
@@ -181,7 +181,7 @@ def num_steps_for_epochs(tokens: int, tokens_per_step: int, epochs: float) -> in
 
 def loop_module():
     """The shared loop (run_loop, MicroBatches, Hook, LoopState): train.py once it holds them, else the draft."""
-    from nanochat_jax import train
+    from nanochat_jax.train import loop as train
     if hasattr(train, "run_loop"):
         return train
     from nanochat_jax import train_loop_draft
@@ -199,9 +199,9 @@ def opt_summary(opt_cfg) -> dict:
 
 def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int, T: int, steps: int):
     """fn(state, step) -> {"val/loss": Σ masked token losses / Σ tokens over `steps` batches of the val set}."""
-    from nanochat_jax import sharding as shd
-    from nanochat_jax.dataloader import sft_loader
-    from nanochat_jax.train import make_eval_loss
+    from nanochat_jax.core import sharding as shd
+    from nanochat_jax.data.dataloader import sft_loader
+    from nanochat_jax.train.loop import make_eval_loss
     eval_fn = make_eval_loss(config, mesh, param_sharding)
 
     def fn(state, step):
@@ -246,10 +246,12 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
 
     args needs: max_seq_len, device_batch_size, grad_accum, packing, num_iterations, num_epochs, seed, eval_every,
     eval_steps, eval_metrics_every, eval_metrics_max_problems, the optimizer flags and the output flags."""
-    from nanochat_jax import optim, report, train
-    from nanochat_jax.checkpoint import CheckpointManager, check_output_dir
-    from nanochat_jax.dataloader import sft_loader
-    from nanochat_jax.metrics import MetricsLogger
+    from nanochat_jax import optim
+    from nanochat_jax.report import writer as report
+    from nanochat_jax.train import loop as train
+    from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir
+    from nanochat_jax.data.dataloader import sft_loader
+    from nanochat_jax.train.metrics import MetricsLogger
     params, config, tokenizer, meta, label = start
     T = check_seq_len(args, config)
     if mesh is None:

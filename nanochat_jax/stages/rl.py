@@ -114,8 +114,8 @@ def make_rl_step(config, tx: optax.GradientTransformation, mesh, state_sharding,
     tokens of the whole batch (a micro-batch with none contributes zero, never NaN). metrics: loss, grad_norm, lr,
     tokens (valid tokens)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from nanochat_jax import sharding as shd
-    from nanochat_jax.train import TrainState
+    from nanochat_jax.core import sharding as shd
+    from nanochat_jax.train.loop import TrainState
 
     def step_fn(state, batch):
         inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from nanochat_jax.common import UserError
+from nanochat_jax.core.common import UserError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shard files
@@ -406,7 +406,7 @@ def _build_grain_classes():
 
 
 def __getattr__(name):
-    # grain workers unpickle `nanochat_jax.dataloader.PackDataset`: build the classes on first access
+    # grain workers unpickle `nanochat_jax.data.dataloader.PackDataset`: build the classes on first access
     if name in ("PackDataset", "PackIterator"):
         _build_grain_classes()
         return globals()[name]

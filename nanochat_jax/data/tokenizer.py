@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat_jax.common import UserError, get_base_dir
+from nanochat_jax.core.common import UserError, get_base_dir
 
 SPECIAL_TOKENS = [
     "<|bos|>",              # begins every document
@@ -43,7 +43,7 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                  r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 
-FORMAT = "nanochat_jax.tokenizer/1"  # tokenizer.json's "format": bump if the saved layout changes
+FORMAT = "nanochat_jax.data.tokenizer/1"  # tokenizer.json's "format": bump if the saved layout changes
 RANKS_FILE = "mergeable_ranks.tiktoken"  # tiktoken's own format: one "base64(bytes) rank" per line
 META_FILE = "tokenizer.json"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials

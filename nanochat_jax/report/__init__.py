@@ -1,0 +1,1 @@
+"""The run report: sections written by each stage, the summary and its plots."""
