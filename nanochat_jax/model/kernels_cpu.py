@@ -34,7 +34,7 @@ TN_DW_MAX = 4096   # see _cpu_matmul
 def _cpu_matmul(x, w):
     """x (..., K) @ w (K, M) in fp32, with a weight gradient laid out for XLA:CPU. Up to TN_DW_MAX output columns
     (the block matrices) dW contracts the token axis of x and g in place: YNNPACK runs that product well, and it
-    saves a transposed copy of the activation per matrix (d8 forward+backward 4% faster, 7 of 8 paired runs). Wider
+    saves a transposed copy of the activation per matrix (bench/RESULTS.md has the measurement). Wider
     (the lm_head) it is much slower than a plain GEMM, so the small (tokens, K) activation is transposed instead (the
     barrier keeps XLA from folding it back) and all three products are plain row-major GEMMs; without that, the
     (tokens, vocab) cotangent got a 256 MB transposed copy that took longer than the matmuls."""
@@ -77,8 +77,7 @@ CAUSAL_BLOCKS = 4   # see blocked_causal_attention
 
 def blocked_causal_attention(q, k, v, config: ModelConfig, blocks: int | None = None):
     """Full causal attention on XLA:CPU (fp32) with the queries in `blocks` blocks, block i attending only to keys
-    0 .. its own last position: 5/8 of the scores at 4 blocks, the rest (exactly zero weight) never computed.
-    A d8 long-window layer (T 512) forward+backward 53 -> 35 ms on 2 cores."""
+    0 .. its own last position: 5/8 of the scores at 4 blocks, the rest (exactly zero weight) never computed."""
     T = q.shape[1]
     blocks = blocks or CAUSAL_BLOCKS
     size = T // blocks
@@ -103,7 +102,7 @@ def _masked_attention(q, k, v, mask, scale: float):
     """softmax(q k^T * scale, where mask (Tq, Tk)) v in fp32, with a hand-written gradient: in this form the
     softmax's backward is its own loop fusion (autodiff of sdpa gets it fused into the dO V^T product, where it ran
     several times slower than the product alone). The barrier on dO V^T does not decide that: XLA:CPU barriers do
-    not stop fusion, and without it the compiled graph fuses the same (jax 0.10.2)."""
+    not stop fusion, and the compiled graph fuses the same without it."""
     return _masked_attention_fwd(q, k, v, mask, scale)[0]
 
 
@@ -136,7 +135,7 @@ def banded_attention(q, k, v, window: int, config: ModelConfig, block: int | Non
     """causal_attention for a short window on XLA:CPU: queries in blocks of `block` (default: window), each block
     attending only to the keys of its own and the window/block previous blocks under the same causal-window mask,
     so most masked-out scores (exactly zero weight either way) are never computed: at T = 4 windows, half the
-    scores, ~30% less time forward+backward (window/2 blocks measured no better). T must be a multiple of block,
+    scores computed (blocks of window/2 were no faster). T must be a multiple of block,
     and window of block."""
     B, T, H, D = q.shape
     KV = k.shape[2]
