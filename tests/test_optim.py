@@ -1,4 +1,4 @@
-"""Facts about nanochat_jax/optim.py: parameter groups, Muon's orthogonalisation, schedules, and parity of one and
+"""Facts about nanochat_jax/optim: parameter groups, Muon's orthogonalisation, schedules, and parity of one and
 two optimizer steps with nanochat's (fixtures/nanochat_ref, tolerances from its README)."""
 
 import math

@@ -1,4 +1,4 @@
-"""report.py: one markdown file per section under the base dir, read back in order, reset."""
+"""nanochat_jax/report/writer.py: one markdown file per section under the base dir, read back in order, reset."""
 
 import time
 

@@ -39,7 +39,7 @@ RULES: list[tuple[str, dict]] = [
     (r"(^|/)attn/c_proj$",                dict(dp=P(), fsdp=FSDP, tp=P("model", None))),
     (r"(^|/)mlp/(c_fc|c_gate|c_up)$",     dict(dp=P(), fsdp=FSDP, tp=P(None, "model"))),
     (r"(^|/)mlp/c_proj$",                 dict(dp=P(), fsdp=FSDP, tp=P("model", None))),
-    # Muon's state stacks (optim.muon): each device keeps its share of the matrices it orthogonalises
+    # Muon's state stacks (optim/buckets.py): each device keeps its share of the matrices it orthogonalises
     (r"(^|/)muon_\d+x\d+$",               dict(dp=STACK, fsdp=STACK, tp=STACK)),
     (r".*",                               dict(dp=P(), fsdp=P(), tp=P())),   # scalars, small gates, counters
 ]
@@ -103,11 +103,6 @@ def tree_shardings(tree, mesh, mode: str):
     """NamedShardings for every leaf of `tree` (params, optimizer state, a whole TrainState)."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(tree, mode, mesh),
                         is_leaf=lambda x: isinstance(x, P))
-
-
-def shard_params(params, mesh, mode: str):
-    """Place `params` on the mesh according to the rules table."""
-    return jax.device_put(params, tree_shardings(params, mesh, mode))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 from nanochat_jax.core.common import get_base_dir, process_index
+from nanochat_jax.report import plot
+from nanochat_jax.report.system import code_size, git_info, gpu_info, hardware_info, hourly_cost, software_versions
 
 
 def report_dir() -> Path:
@@ -127,126 +127,14 @@ def reset() -> None:
 # The stitched report.md (nanochat's layout): a header (environment, cost, code size), a summary table across the
 # stages, the plots, then every stage's section in the order the stages ran.
 #
-#     write_header(hourly_cost=None)      # at the start of a run (scripts.report reset): start time, environment
+#     write_header(hourly=None)           # at the start of a run (scripts.report reset): start time, environment
 #     generate_report()                   # at the end: <base dir>/report/report.md + PNG plots beside it
 
 HEADER_FILE = "header.json"
-# $/hour per GPU by model name, as nanochat's report estimates it (Lambda on-demand prices, 2025)
-GPU_HOURLY = {"H200": 3.50, "H100": 3.00, "A100": 1.79, "L40": 1.10, "A10": 0.75, "V100": 0.55}
-GPU_HOURLY_DEFAULT = 2.00
 # the summary table: rows, and where each value comes from
 SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 SUMMARY_STAGES = ["BASE", "MID", "SFT", "RL"]
-CODE_EXTENSIONS = (".py", ".rs", ".sh", ".html", ".toml")
 TRAIN_STAGES = ("base", "mid", "sft", "rl")
-
-
-def _run(cmd: list[str], cwd=None) -> str:
-    try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def git_info(root=None) -> dict:
-    root = root or repo_root()
-    commit = _run(["git", "rev-parse", "--short", "HEAD"], root)
-    if not commit:
-        return {"commit": "unknown (not a git checkout)"}
-    dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], root))
-    return {"commit": commit + (" (uncommitted changes)" if dirty else ""),
-            "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], root),
-            "message": _run(["git", "log", "-1", "--pretty=%s"], root)[:100]}
-
-
-def gpu_info() -> list[dict]:
-    """[{name, memory_gib}] per NVIDIA GPU from nvidia-smi (no JAX import: reporting must not grab the devices)."""
-    if not shutil.which("nvidia-smi"):
-        return []
-    out = _run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
-    gpus = []
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0]:
-            try:
-                gpus.append({"name": parts[0], "memory_gib": round(float(parts[1]) / 1024, 1)})
-            except ValueError:
-                gpus.append({"name": parts[0], "memory_gib": None})
-    return gpus
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def hardware_info() -> dict:
-    gpus = gpu_info()
-    info = {"platform": f"{platform.system()} {platform.machine()}", "cpu": _cpu_name(),
-            "cpu cores": os.cpu_count(), "memory (GiB)": _memory_gib()}
-    if gpus:
-        names = sorted({g["name"] for g in gpus})
-        info["gpus"] = f"{len(gpus)} x " + ", ".join(names) + (f" ({gpus[0]['memory_gib']} GiB each)"
-                                                               if gpus[0]["memory_gib"] else "")
-    else:
-        info["gpus"] = "none (CPU)"
-    return info
-
-
-def software_versions() -> dict:
-    from importlib import metadata
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tiktoken", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def hourly_cost(gpus: list[dict] | None = None) -> float:
-    """Estimated $/hour of this machine: GPUs priced per GPU by model; a CPU-only machine counts as free."""
-    gpus = gpu_info() if gpus is None else gpus
-    total = 0.0
-    for g in gpus:
-        total += next((v for k, v in GPU_HOURLY.items() if k in g["name"]), GPU_HOURLY_DEFAULT)
-    return total
-
-
-def code_size(root=None) -> dict:
-    """Characters, lines and files of the source (tracked .py/.rs/.sh/.html/.toml files), nanochat's 'bloat'."""
-    root = Path(root or repo_root())
-    listed = _run(["git", "ls-files"], root).splitlines()
-    if listed:
-        files = [root / f for f in listed]
-    else:
-        files = [p for p in root.rglob("*") if ".venv" not in p.parts and "target" not in p.parts]
-    files = [p for p in files if p.suffix in CODE_EXTENSIONS and p.is_file()]
-    chars = lines = 0
-    for p in files:
-        text = p.read_text(encoding="utf-8", errors="replace")
-        chars += len(text)
-        lines += text.count("\n")
-    return {"characters": chars, "lines": lines, "files": len(files)}
 
 
 def write_header(hourly: float | None = None, preset: str | None = None) -> Path:
@@ -415,8 +303,6 @@ def _pick(metrics: dict, *names):
 def make_plots(out_dir, stages=TRAIN_STAGES) -> list[tuple[str, Path]]:
     """One PNG per training stage with metrics: train loss (raw and smoothed), validation, RL reward, LR schedule.
     Returns [(stage, path)]."""
-    import numpy as np
-    from nanochat_jax.report import plot
     out = []
     for stage in stages:
         src = latest_metrics(stage)
