@@ -22,7 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nanochat_jax.data import dataloader as dl  # noqa: E402
+from nanochat_jax.data.loader import pretrain_loader  # noqa: E402
+from nanochat_jax.data.packing import BestFitPacker  # noqa: E402
+from nanochat_jax.data.shards import write_shard  # noqa: E402
 
 
 def find(state, key):
@@ -35,8 +37,8 @@ def find(state, key):
 
 
 def loader_rate(shards, B, T, bos, packing, workers, batches):
-    loader = dl.pretrain_loader(shards, B, T, bos, packing=packing, num_workers=workers, process_index=0,
-                                process_count=1)
+    loader = pretrain_loader(shards, B, T, bos, packing=packing, num_workers=workers, process_index=0,
+                             process_count=1)
     next(loader)                                   # start-up (workers spawn) not counted
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -52,7 +54,7 @@ def loader_rate(shards, B, T, bos, packing, workers, batches):
 def steady_crop(lengths, T, rows, buffer_size=1000):
     """Crop fraction of the best-fit packer alone over `rows` rows (documents cycled), measured over the second
     half: the first rows crop little because the buffer still absorbs the documents longer than a row."""
-    p = dl.BestFitPacker(T + 1, buffer_size, bos=0)
+    p = BestFitPacker(T + 1, buffer_size, bos=0)
     i, mark = 0, None
     for r in range(rows):
         while len(p) < buffer_size:
@@ -66,7 +68,7 @@ def steady_crop(lengths, T, rows, buffer_size=1000):
 
 
 def get_bench_tokenizer():
-    from nanochat_jax.data.dataset import embedded_corpus
+    from nanochat_jax.data.documents import embedded_corpus
     from nanochat_jax.data.tokenizer import Tokenizer, get_tokenizer
     try:
         return get_tokenizer(), "base dir tokenizer"
@@ -120,7 +122,7 @@ def main():
     args = ap.parse_args()
     B, T = args.batch, args.seq_len
 
-    from nanochat_jax.data.dataset import pretokenize
+    from nanochat_jax.data.shards import pretokenize
     tmp = Path(tempfile.mkdtemp(prefix="bench_dataloader_"))
     tok, how = get_bench_tokenizer()
     t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def main():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(600), 1.0, size=20_000), 20, 100_000).astype(int)
     docs = [rng.integers(1, 32768, size=n) for n in lengths]
-    syn = [dl.write_shard(tmp / f"syn_{i}.bin", docs[i::4], 32768, "bench") for i in range(4)]
+    syn = [write_shard(tmp / f"syn_{i}.bin", docs[i::4], 32768, "bench") for i in range(4)]
     print(f"synthetic corpus: {len(docs):,} docs, {lengths.sum():,} tokens, mean {lengths.mean():.0f} "
           f"median {np.median(lengths):.0f} tokens/doc")
 

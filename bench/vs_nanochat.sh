@@ -32,7 +32,7 @@ if [ ! -f "$WORK/train.jsonl" ]; then
 import json, sys
 from pathlib import Path
 import pyarrow as pa, pyarrow.parquet as pq
-from nanochat_jax.data.dataset import embedded_corpus
+from nanochat_jax.data.documents import embedded_corpus
 work = Path(sys.argv[1]); docs = embedded_corpus()
 n_val = max(1, len(docs) // 20)
 train, val = docs[:-n_val], docs[-n_val:]

@@ -151,7 +151,7 @@ def make_opt_config(args, plan: Plan):
 def val_batches(val_shards, tokenizer, plan: Plan):
     """The validation stream: global (rows, T) batches in corpus order (repeating; a split smaller than one batch
     is read anyway: nanochat's embedded-corpus miniature holds out only ~3k tokens)."""
-    from nanochat_jax.data.dataloader import pretrain_loader
+    from nanochat_jax.data.loader import pretrain_loader
     return pretrain_loader(val_shards, plan.rows, plan.seq_len, tokenizer.get_bos_token_id(), shuffle=False,
                            fingerprint=tokenizer.fingerprint(), require_full_batch=False, process_index=0,
                            process_count=1)
@@ -246,8 +246,8 @@ def main(argv=None):
     print0(f"optimizer: {opt_cfg}")
 
     # -- data (a missing path fails here, before the output dir is touched) -----------------------------------------
-    from nanochat_jax.data.dataloader import pretrain_loader
-    from nanochat_jax.data.dataset import ensure_pretokenized
+    from nanochat_jax.data.loader import pretrain_loader
+    from nanochat_jax.data.shards import ensure_pretokenized
     train_shards, val_shards = ensure_pretokenized(args.data_path, tokenizer)
     if not train_shards or not val_shards:
         raise UserError(f"{args.data_path}: needs both a train and a validation split")

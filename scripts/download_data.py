@@ -13,7 +13,7 @@ Downloads are parallel (-w threads), retried with exponential backoff, resumed w
 temporary name and renamed when whole; shards already there are skipped.
 """
 
-from nanochat_jax.data import dataset
+from nanochat_jax.data import download
 from nanochat_jax.core.common import ArgumentParser, UserError, parse_args, print0, run_main
 
 DEFAULT_SHARDS = 8  # enough for the tokenizer (~2B characters), as nanochat's speedrun fetches first
@@ -28,8 +28,8 @@ def build_parser() -> ArgumentParser:
                    help=f"shards to fetch (N-1 train + the val shard); -1 = all; default: the preset's, else "
                         f"{DEFAULT_SHARDS}")
     p.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
-    p.add_argument("--dataset", default=None, choices=sorted(dataset.DATASETS),
-                   help=f"shard set (default $NANOCHAT_DATASET or {dataset.DEFAULT_DATASET})")
+    p.add_argument("--dataset", default=None, choices=sorted(download.DATASETS),
+                   help=f"shard set (default $NANOCHAT_DATASET or {download.DEFAULT_DATASET})")
     p.add_argument("--base-url", default=None, help="where the shard files are (default $NANOCHAT_DATA_URL, else HF)")
     p.add_argument("--retries", type=int, default=5, help="retries per file (exponential backoff)")
     p.add_argument("--eval-bundle", action="store_true", help="also fetch the CORE eval bundle")
@@ -65,9 +65,9 @@ def main(argv=None):
     args = parse_args(build_parser(), "download_data", argv)
     if not args.no_shards:
         n = args.num_shards if args.num_shards is not None else DEFAULT_SHARDS
-        paths = dataset.download_shards(n, args.dataset, workers=args.workers, base_url=args.base_url,
-                                        retries=args.retries)
-        print0(f"{len(paths)} shards ready in {dataset.data_dir(args.dataset)} "
+        paths = download.download_shards(n, args.dataset, workers=args.workers, base_url=args.base_url,
+                                         retries=args.retries)
+        print0(f"{len(paths)} shards ready in {download.data_dir(args.dataset)} "
                f"(validation: {paths[-1].name})")
     if args.eval_bundle:
         fetch_eval_bundle()

@@ -14,8 +14,8 @@ first use if this script was not run). Needs the tokenizer: run `python -m scrip
 import time
 
 from nanochat_jax.core.common import ArgumentParser, parse_args, print0, run_main
-from nanochat_jax.data.dataloader import ShardDocs
-from nanochat_jax.data.dataset import DEFAULT_VAL_FRACTION, SHARD_TOKENS, ensure_pretokenized
+from nanochat_jax.data.documents import DEFAULT_VAL_FRACTION
+from nanochat_jax.data.shards import SHARD_TOKENS, ShardDocs, ensure_pretokenized
 from nanochat_jax.data.tokenizer import get_tokenizer
 
 

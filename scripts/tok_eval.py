@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nanochat_jax.report import writer as report
 from nanochat_jax.core.common import ArgumentParser, UserError, parse_args, print0, run_main
-from nanochat_jax.data.dataset import describe_embedded, iter_documents
+from nanochat_jax.data.documents import describe_embedded, iter_documents
 from nanochat_jax.data.tokenizer import Tokenizer, tokenizer_dir
 
 # -----------------------------------------------------------------------------------------------------------------

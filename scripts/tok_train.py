@@ -6,7 +6,7 @@
 
 --data-path takes a .txt file (one document per line), a .jsonl file (a "text" field), a .parquet file (a "text"
 column), a directory of those, or the word `embedded` (English that ships with Python; see
-nanochat_jax.data.dataset.embedded_corpus). Each document is cut to --doc-cap characters and training stops after
+nanochat_jax.data.documents.embedded_corpus). Each document is cut to --doc-cap characters and training stops after
 --max-chars characters. --vocab-size counts the 9 special tokens.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nanochat_jax.report import writer as report
 from nanochat_jax.core.common import ArgumentParser, UserError, parse_args, print0, run_main
-from nanochat_jax.data.dataset import describe_embedded, iter_documents
+from nanochat_jax.data.documents import describe_embedded, iter_documents
 from nanochat_jax.data.tokenizer import Tokenizer, tokenizer_dir
 
 SANITY_TEXT = """Hello world! This is a test.

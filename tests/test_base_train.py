@@ -319,7 +319,7 @@ def test_hooks_compute_val_bpb_samples_and_core(world, monkeypatch):
     import jax
     from nanochat_jax import model
     from nanochat_jax.core import sharding as shd
-    from nanochat_jax.data.dataset import ensure_pretokenized
+    from nanochat_jax.data.shards import ensure_pretokenized
     from nanochat_jax.evaluation import SAMPLE_PROMPTS
     from nanochat_jax.evaluation import core as core_mod
     from nanochat_jax.data.tokenizer import Tokenizer

@@ -55,7 +55,7 @@ def _hand_loss(params, cfg, tok, convs, T):
 
 def test_masked_loss_equals_hand_computation_on_two_conversations():
     from nanochat_jax.core import sharding
-    from nanochat_jax.data.dataloader import sft_loader
+    from nanochat_jax.data.loader import sft_loader
     T = 64
     tok, cfg, params, mesh, state, step = _setup(T)
     loader = sft_loader(CONVS, tok, 2, T, packing="pad", shuffle=False, process_index=0, process_count=1)
@@ -76,7 +76,7 @@ def test_masked_loss_equals_hand_computation_on_two_conversations():
 
 def test_fully_masked_micro_batch_gives_no_nan():
     from nanochat_jax.core import sharding
-    from nanochat_jax.data.dataloader import sft_loader
+    from nanochat_jax.data.loader import sft_loader
     T = 64
     tok, cfg, params, mesh, state, step = _setup(T)
     loader = sft_loader(CONVS, tok, 2, T, packing="pad", shuffle=False, process_index=0, process_count=1)

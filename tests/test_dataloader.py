@@ -1,5 +1,6 @@
-"""Facts about nanochat_jax/dataloader.py: the token shard format, the packers, the grain loaders (determinism,
-exact resume with and without workers, disjoint reading across processes) and placing batches on a mesh."""
+"""Facts about the token shard format (nanochat_jax/data/shards.py), the packers (data/packing.py), the grain
+loaders (data/loader.py: determinism, exact resume with and without workers, disjoint reading across processes) and
+placing batches on a mesh."""
 
 import json
 import os
@@ -12,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanochat_jax.data import dataloader as dl
 from nanochat_jax.core.common import UserError
+from nanochat_jax.data.loader import pretrain_loader, sft_loader, stack_microbatches, to_global
+from nanochat_jax.data.packing import BestFitPacker
+from nanochat_jax.data.shards import TokenShard, write_shard
 from nanochat_jax.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +37,7 @@ def id_docs(n, rng, lo=5, hi=120):
 def shards(tmp_path):
     rng = np.random.default_rng(0)
     docs = id_docs(300, rng)
-    paths = [dl.write_shard(tmp_path / f"s{i}.bin", docs[i * 100:(i + 1) * 100], 1024, "fp-a") for i in range(3)]
+    paths = [write_shard(tmp_path / f"s{i}.bin", docs[i * 100:(i + 1) * 100], 1024, "fp-a") for i in range(3)]
     return paths, docs
 
 
@@ -64,8 +67,8 @@ def same(a, b):
 def test_shards_round_trip(tmp_path, vocab, dtype):
     rng = np.random.default_rng(1)
     docs = [rng.integers(0, vocab, size=rng.integers(0, 50)) for _ in range(40)] + [[vocab - 1]]
-    p = dl.write_shard(tmp_path / "a.bin", docs, vocab, "abc123")
-    s = dl.TokenShard(p, fingerprint="abc123")
+    p = write_shard(tmp_path / "a.bin", docs, vocab, "abc123")
+    s = TokenShard(p, fingerprint="abc123")
     assert s.dtype == dtype and len(s) == 41 and s.n_tokens == sum(map(len, docs))
     assert all(np.array_equal(s[i], d) for i, d in enumerate(docs))
     assert np.array_equal(s.doc_lengths(), [len(d) for d in docs])
@@ -79,30 +82,30 @@ def test_truncated_and_foreign_shards_are_refused(tmp_path, shards):
     raw = paths[0].read_bytes()
     (tmp_path / "cut.bin").write_bytes(raw[:-10])
     with pytest.raises(UserError, match="truncated or corrupt"):
-        dl.pretrain_loader([tmp_path / "cut.bin"], 2, 16, BOS, process_index=0, process_count=1)
+        pretrain_loader([tmp_path / "cut.bin"], 2, 16, BOS, process_index=0, process_count=1)
     (tmp_path / "junk.bin").write_bytes(b"hello" * 50)
     with pytest.raises(UserError, match="bad magic"):
-        dl.TokenShard(tmp_path / "junk.bin")
+        TokenShard(tmp_path / "junk.bin")
     with pytest.raises(UserError, match="another tokenizer"):
-        dl.pretrain_loader(paths, 2, 16, BOS, fingerprint="fp-b", process_index=0, process_count=1)
+        pretrain_loader(paths, 2, 16, BOS, fingerprint="fp-b", process_index=0, process_count=1)
 
 
 def test_corpus_too_small_for_one_batch(tmp_path):
-    p = dl.write_shard(tmp_path / "a.bin", [[1, 2, 3], [4, 5]], 16, "fp")
+    p = write_shard(tmp_path / "a.bin", [[1, 2, 3], [4, 5]], 16, "fp")
     with pytest.raises(UserError, match="corpus too small"):
-        dl.pretrain_loader([p], 4, 64, BOS, process_index=0, process_count=1)
+        pretrain_loader([p], 4, 64, BOS, process_index=0, process_count=1)
     with pytest.raises(UserError, match="not divisible"):
-        dl.pretrain_loader([p], 3, 2, BOS, process_index=0, process_count=2)
+        pretrain_loader([p], 3, 2, BOS, process_index=0, process_count=2)
     with pytest.raises(UserError, match="corpus too small"):
-        dl.sft_loader(conversations(3), Tokenizer({bytes([i]): i for i in range(256)}), 4, 32, packing="pad",
-                      process_index=0, process_count=1)
+        sft_loader(conversations(3), Tokenizer({bytes([i]): i for i in range(256)}), 4, 32, packing="pad",
+                   process_index=0, process_count=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Packers
 
 def test_best_fit_takes_the_largest_fitting_document_then_crops_the_shortest():
-    p = dl.BestFitPacker(capacity=10, buffer_size=3, bos=BOS)
+    p = BestFitPacker(capacity=10, buffer_size=3, bos=BOS)
     for d, n in enumerate([3, 8, 5]):              # with bos: 4, 9, 6
         p.add(d, 0, np.full(n, d + 1))
     row, mask, _ = p.pop_row()
@@ -114,7 +117,7 @@ def test_best_fit_takes_the_largest_fitting_document_then_crops_the_shortest():
 def test_best_fit_rows_start_with_bos_are_full_and_use_each_document_once():
     rng = np.random.default_rng(2)
     docs = id_docs(500, rng, 3, 200)
-    p = dl.BestFitPacker(capacity=65, buffer_size=500, bos=BOS)
+    p = BestFitPacker(capacity=65, buffer_size=500, bos=BOS)
     for d, toks in enumerate(docs):
         p.add(d, 0, toks)
     seen = []
@@ -131,7 +134,7 @@ def test_best_fit_rows_start_with_bos_are_full_and_use_each_document_once():
 
 def test_pretrain_loader_rows(shards):
     paths, docs = shards
-    loader = dl.pretrain_loader(paths, 4, 32, BOS, seed=3, buffer_size=50, process_index=0, process_count=1)
+    loader = pretrain_loader(paths, 4, 32, BOS, seed=3, buffer_size=50, process_index=0, process_count=1)
     batches = take(loader, 20)
     ids = []
     for b in batches:
@@ -154,8 +157,8 @@ def test_pretrain_loader_rows(shards):
 
 def test_concat_loader_streams_documents_back_to_back(shards):
     paths, docs = shards
-    loader = dl.pretrain_loader(paths, 2, 40, BOS, packing="concat", shuffle=False, process_index=0,
-                                process_count=1)
+    loader = pretrain_loader(paths, 2, 40, BOS, packing="concat", shuffle=False, process_index=0,
+                             process_count=1)
     stream = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1).ravel() for b in take(loader, 30)])
     want = np.concatenate([np.concatenate([[BOS], d]) for d in docs])[:len(stream)]
     assert np.array_equal(stream, want)
@@ -164,16 +167,16 @@ def test_concat_loader_streams_documents_back_to_back(shards):
 def test_loader_is_deterministic_for_a_seed(shards):
     paths, _ = shards
     kw = dict(B=2, T=32, bos=BOS, process_index=0, process_count=1)
-    a = take(dl.pretrain_loader(paths, seed=5, **kw), 5)
-    b = take(dl.pretrain_loader(paths, seed=5, **kw), 5)
-    c = take(dl.pretrain_loader(paths, seed=6, **kw), 5)
+    a = take(pretrain_loader(paths, seed=5, **kw), 5)
+    b = take(pretrain_loader(paths, seed=5, **kw), 5)
+    c = take(pretrain_loader(paths, seed=6, **kw), 5)
     assert same(a, b) and not same(a, c)
 
 
 def test_epochs_reshuffle_and_count(tmp_path):
     docs = [np.full(15, d + 1) for d in range(8)]            # 16 tokens with bos: one per row of T + 1 = 16
-    p = dl.write_shard(tmp_path / "a.bin", docs, 64, "fp")
-    loader = dl.pretrain_loader([p], 1, 15, BOS, packing="concat", seed=0, process_index=0, process_count=1)
+    p = write_shard(tmp_path / "a.bin", docs, 64, "fp")
+    loader = pretrain_loader([p], 1, 15, BOS, packing="concat", seed=0, process_index=0, process_count=1)
     order = [int(next(loader)["inputs"][0, 1]) for _ in range(16)]
     assert sorted(order[:8]) == sorted(order[8:]) == list(range(1, 9)) and order[:8] != order[8:]
     assert loader.epoch == 2
@@ -181,7 +184,7 @@ def test_epochs_reshuffle_and_count(tmp_path):
 
 def test_sft_rows_mask_everything_but_the_assistant(tok):
     convs = conversations(20)
-    loader = dl.sft_loader(convs, tok, 4, 96, packing="pad", shuffle=False, process_index=0, process_count=1)
+    loader = sft_loader(convs, tok, 4, 96, packing="pad", shuffle=False, process_index=0, process_count=1)
     b = next(loader)
     for r in range(4):
         ids, mask = tok.render_conversation(convs[r], max_tokens=97)
@@ -190,8 +193,8 @@ def test_sft_rows_mask_everything_but_the_assistant(tok):
         want = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
         assert b["targets"][r, :n - 1].tolist() == want
         assert (b["targets"][r, n - 1:] == -1).all()               # padding is never trained on
-    packed = next(dl.sft_loader(convs, tok, 4, 256, packing="pack", shuffle=False, process_index=0,
-                                process_count=1))
+    packed = next(sft_loader(convs, tok, 4, 256, packing="pack", shuffle=False, process_index=0,
+                             process_count=1))
     bos = tok.get_bos_token_id()
     assert (packed["inputs"][:, 0] == bos).all()
     assert (packed["inputs"] == bos).sum() > 4                     # several conversations share a row
@@ -204,11 +207,11 @@ def test_sft_rows_mask_everything_but_the_assistant(tok):
 def make_loader(kind, shards, tok, workers):
     common = dict(seed=11, num_workers=workers, process_index=0, process_count=1)
     if kind == "bestfit":
-        return dl.pretrain_loader(shards, 4, 32, BOS, buffer_size=40, **common)
+        return pretrain_loader(shards, 4, 32, BOS, buffer_size=40, **common)
     if kind == "concat":
-        return dl.pretrain_loader(shards, 4, 32, BOS, packing="concat", **common)
-    return dl.sft_loader(conversations(60), tok, 4, 96, packing="pack" if kind == "sft_pack" else "pad",
-                         buffer_size=10, **common)
+        return pretrain_loader(shards, 4, 32, BOS, packing="concat", **common)
+    return sft_loader(conversations(60), tok, 4, 96, packing="pack" if kind == "sft_pack" else "pad",
+                      buffer_size=10, **common)
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
@@ -228,27 +231,6 @@ def test_resume_is_exact(kind, workers, shards, tok):
     assert not same(first[:5], rest)
 
 
-@pytest.mark.parametrize("kind", ["bestfit", "sft_pack"])
-def test_without_grain_the_same_batches_and_states(kind, shards, tok, monkeypatch):
-    paths, _ = shards
-    with_grain = make_loader(kind, paths, tok, 0)
-    first = take(with_grain, 7)
-    state = json.loads(json.dumps(with_grain.get_state()))
-    rest = take(with_grain, 5)
-
-    def no_grain():
-        raise ImportError("no grain")
-    monkeypatch.setattr(dl, "_grain", no_grain)
-    plain = make_loader(kind, paths, tok, 0)
-    assert type(plain._it).__name__ == "_PlainBatches"
-    assert same(take(plain, 7), first) and plain.get_state() == state
-    resumed = make_loader(kind, paths, tok, 0)
-    resumed.set_state(state)                     # a grain state resumes on the plain pipeline
-    assert same(take(resumed, 5), rest)
-    with pytest.raises(UserError, match="need the `grain` package"):
-        make_loader(kind, paths, tok, 2)
-
-
 def test_resume_refuses_another_worker_count(shards, tok):
     paths, _ = shards
     state = make_loader("bestfit", paths, tok, 0).get_state()
@@ -265,10 +247,10 @@ def test_to_global_shards_rows_over_data():
     from jax.sharding import Mesh
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     x = np.arange(8 * 4, dtype=np.int32).reshape(8, 4)
-    g = dl.to_global({"inputs": x, "targets": x + 1}, mesh)
+    g = to_global({"inputs": x, "targets": x + 1}, mesh)
     assert g["inputs"].shape == (8, 4) and np.array_equal(np.asarray(g["targets"]), x + 1)
     assert g["inputs"].addressable_shards[3].data.tolist() == [x[3].tolist()]
-    st = dl.to_global(dl.stack_microbatches([{"inputs": x, "targets": x}] * 3), mesh)
+    st = to_global(stack_microbatches([{"inputs": x, "targets": x}] * 3), mesh)
     assert st["inputs"].shape == (3, 8, 4) and st["inputs"].sharding.spec[1] == "data"
 
 
@@ -277,16 +259,16 @@ TWO_PROC = textwrap.dedent("""
     import jax, numpy as np
     jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
     from jax.sharding import Mesh
-    from nanochat_jax.data import dataloader as dl
+    from nanochat_jax.data.loader import pretrain_loader, to_global
     paths = json.loads(sys.argv[3])
     # 40 docs of 7 tokens + bos = 8; T + 1 = 16: each row holds exactly two whole documents
-    loader = dl.pretrain_loader(paths, 4, 15, 0, packing="concat", seed=1)
+    loader = pretrain_loader(paths, 4, 15, 0, packing="concat", seed=1)
     ids, b = [], None
     for _ in range(5):                       # 5 batches x 2 local rows x 2 docs = 20 docs = this process's half
         b = next(loader)
         ids += [int(t) - 1 for t in np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)[:, [1, 9]].ravel()]
     mesh = Mesh(np.array(jax.devices()), ("data",))
-    g = dl.to_global(b, mesh)
+    g = to_global(b, mesh)
     local = sorted((s.index[0].start, s.data.tolist()) for s in g["inputs"].addressable_shards)
     ok = g["inputs"].shape == (4, 15) and [r for _, d in local for r in d] == b["inputs"].tolist()
     print("RESULT", json.dumps({"ids": ids, "global_ok": ok, "process": jax.process_index()}))
@@ -296,7 +278,7 @@ TWO_PROC = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_processes_read_disjoint_documents_covering_the_set(tmp_path):
     docs = [np.full(7, d + 1) for d in range(40)]
-    paths = [str(dl.write_shard(tmp_path / f"s{i}.bin", docs[i * 20:(i + 1) * 20], 64, "fp")) for i in range(2)]
+    paths = [str(write_shard(tmp_path / f"s{i}.bin", docs[i * 20:(i + 1) * 20], 64, "fp")) for i in range(2)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -341,9 +323,9 @@ def nanochat_bestfit_rows(docs, n_rows, T, buffer_size=1000, batch=128):
 @pytest.mark.parametrize("n_docs", [2500, 700])   # 700: a split shorter than the buffer wraps into its next epoch
 def test_best_fit_rows_match_nanochats_refill_policy(tmp_path, n_docs):
     docs = id_docs(n_docs, np.random.default_rng(4), lo=3, hi=150)
-    path = dl.write_shard(tmp_path / "val.bin", docs, 4096, "fp")
-    loader = dl.pretrain_loader([path], 8, 64, BOS, shuffle=False, require_full_batch=False, process_index=0,
-                                process_count=1)
+    path = write_shard(tmp_path / "val.bin", docs, 4096, "fp")
+    loader = pretrain_loader([path], 8, 64, BOS, shuffle=False, require_full_batch=False, process_index=0,
+                             process_count=1)
     got = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], 1) for b in take(loader, 16)])
     want = nanochat_bestfit_rows(docs, 128, 64)
     assert (got == want).all(axis=1).sum() == 128

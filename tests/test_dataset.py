@@ -1,15 +1,15 @@
-"""Facts about nanochat_jax/dataset.py beyond the readers: the validation split of custom corpora, the
-pretokenize-on-first-use cache (`ensure_pretokenized`) and scripts/pretokenize.py, with one clear error per bad input.
-(Readers: tests/test_dataset_readers.py; downloads: tests/test_download.py.)"""
+"""Facts about the validation split of custom corpora (nanochat_jax/data/documents.py), the pretokenize-on-first-use
+cache (`ensure_pretokenized`, nanochat_jax/data/shards.py) and scripts/pretokenize.py, with one clear error per bad
+input. (Readers: tests/test_dataset_readers.py; downloads: tests/test_download.py.)"""
 
 import json
 
 import numpy as np
 import pytest
 
-from nanochat_jax.data import dataset
+from nanochat_jax.data import documents, shards
 from nanochat_jax.core.common import UserError, run_main
-from nanochat_jax.data.dataloader import ShardDocs, TokenShard
+from nanochat_jax.data.shards import ShardDocs, TokenShard
 from nanochat_jax.data.tokenizer import Tokenizer
 
 
@@ -32,45 +32,45 @@ def read_all(paths):
 
 def test_validation_split_is_a_fixed_fraction_by_document_index(tmp_path):
     docs = write_corpus(tmp_path / "c.txt", 2000)
-    split = list(dataset.split_documents(tmp_path / "c.txt", 0.1))
+    split = list(documents.split_documents(tmp_path / "c.txt", 0.1))
     assert [d for _, d in split] == docs                       # every document once, in order
     val = [i for i, (s, _) in enumerate(split) if s == "val"]
     assert 120 < len(val) < 280                                # ~10%
-    assert val == [i for i in range(2000) if dataset.is_validation(i, 0.1)]
-    assert list(dataset.split_documents(tmp_path / "c.txt", 0.1)) == split   # deterministic
+    assert val == [i for i in range(2000) if documents.is_validation(i, 0.1)]
+    assert list(documents.split_documents(tmp_path / "c.txt", 0.1)) == split   # deterministic
 
 
 def test_tiny_corpus_still_gets_one_validation_document(tmp_path):
     write_corpus(tmp_path / "c.txt", 3)
-    splits = [s for s, _ in dataset.split_documents(tmp_path / "c.txt", 0.001)]
+    splits = [s for s, _ in documents.split_documents(tmp_path / "c.txt", 0.001)]
     assert splits.count("val") == 1 and splits.count("train") == 2
 
 
 def test_ensure_pretokenized_tokenizes_once_and_caches(tmp_path, base_dir, tok):
     docs = write_corpus(tmp_path / "c.txt", 300)
-    train, val = dataset.ensure_pretokenized(tmp_path / "c.txt", tok, val_fraction=0.05, workers=2,
+    train, val = shards.ensure_pretokenized(tmp_path / "c.txt", tok, val_fraction=0.05, workers=2,
                                              shard_tokens=3000)
     assert len(train) > 1 and len(val) >= 1                    # several shards of ~3000 tokens
     assert all(p.parent.parent == base_dir / "pretok" for p in train + val)
     got_train, got_val = read_all(train), read_all(val)
-    want_val = [d for i, d in enumerate(docs) if dataset.is_validation(i, 0.05)]
+    want_val = [d for i, d in enumerate(docs) if documents.is_validation(i, 0.05)]
     assert got_val == want_val
     assert got_train == [d for d in docs if d not in want_val]
     assert TokenShard(train[0]).fingerprint == tok.fingerprint()
     meta = json.loads((train[0].parent / "meta.json").read_text())
     assert meta["docs"] == {"train": len(got_train), "val": len(got_val)}
     mtime = train[0].stat().st_mtime_ns
-    assert dataset.ensure_pretokenized(tmp_path / "c.txt", tok, val_fraction=0.05) == (train, val)
+    assert shards.ensure_pretokenized(tmp_path / "c.txt", tok, val_fraction=0.05) == (train, val)
     assert train[0].stat().st_mtime_ns == mtime               # cached: not rewritten
 
 
 def test_cache_key_follows_the_file_contents_and_the_tokenizer(tmp_path, base_dir, tok):
     write_corpus(tmp_path / "c.txt", 50)
-    a = dataset.pretok_dir(tmp_path / "c.txt", tok)
+    a = shards.pretok_dir(tmp_path / "c.txt", tok)
     write_corpus(tmp_path / "c.txt", 51)
-    b = dataset.pretok_dir(tmp_path / "c.txt", tok)
+    b = shards.pretok_dir(tmp_path / "c.txt", tok)
     other = Tokenizer({bytes([i]): i for i in range(256)} | {b"he": 256})
-    c = dataset.pretok_dir(tmp_path / "c.txt", other)
+    c = shards.pretok_dir(tmp_path / "c.txt", other)
     assert len({a, b, c}) == 3
 
 
@@ -84,7 +84,7 @@ def test_directory_jsonl_and_parquet_corpora(tmp_path, base_dir, tok):
     for src, want in ((tmp_path / "d", ["first file\nstill the first", "second file"]),
                       (tmp_path / "c.jsonl", ["one", "two", "three"]),
                       (tmp_path / "c.parquet", ["p1", "p2", "p3"])):
-        train, val = dataset.ensure_pretokenized(src, tok, val_fraction=0.01, workers=1)
+        train, val = shards.ensure_pretokenized(src, tok, val_fraction=0.01, workers=1)
         assert sorted(read_all(train) + read_all(val)) == sorted(want)
         assert len(read_all(val)) == 1
 
@@ -96,7 +96,7 @@ def test_directory_jsonl_and_parquet_corpora(tmp_path, base_dir, tok):
 def test_bad_jsonl_corpora_are_one_line_errors(tmp_path, base_dir, tok, content, match):
     (tmp_path / "c.jsonl").write_text(content)
     with pytest.raises(UserError, match=match):
-        dataset.ensure_pretokenized(tmp_path / "c.jsonl", tok, workers=1)
+        shards.ensure_pretokenized(tmp_path / "c.jsonl", tok, workers=1)
     assert not any((base_dir / "pretok").glob("*/meta.json"))   # nothing half-made is cached
 
 
@@ -104,7 +104,7 @@ def test_parquet_without_text_column_is_a_one_line_error(tmp_path, base_dir, tok
     from tests.test_dataset_readers import write_parquet
     write_parquet(tmp_path / "c.parquet", {"body": ["a", "b"]})
     with pytest.raises(UserError, match="no 'text' column"):
-        dataset.ensure_pretokenized(tmp_path / "c.parquet", tok, workers=1)
+        shards.ensure_pretokenized(tmp_path / "c.parquet", tok, workers=1)
 
 
 def test_pretokenize_script(tmp_path, base_dir, tok, capsys):
@@ -145,7 +145,7 @@ def test_a_failed_pretokenize_leaves_no_temp_dir(tmp_path, base_dir, tok, monkey
         out_dir.mkdir(parents=True)
         (out_dir / "train_00000.bin").write_bytes(b"partial")
         raise OSError("no space left on device")
-    monkeypatch.setattr(dataset, "pretokenize", boom)
+    monkeypatch.setattr(shards, "pretokenize", boom)
     with pytest.raises(OSError, match="no space"):
-        dataset.ensure_pretokenized(tmp_path / "c.txt", tok, workers=1)
+        shards.ensure_pretokenized(tmp_path / "c.txt", tok, workers=1)
     assert list((base_dir / "pretok").iterdir()) == []

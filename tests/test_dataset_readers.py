@@ -1,12 +1,12 @@
-"""Facts about nanochat_jax/dataset.py's readers: iter_documents over .txt/.jsonl/.parquet/dirs, the embedded corpus,
-and one clear UserError per bad input."""
+"""Facts about nanochat_jax/data/documents.py's readers: iter_documents over .txt/.jsonl/.parquet/dirs, the
+embedded corpus, and one clear UserError per bad input."""
 
 import json
 
 import pytest
 
 from nanochat_jax.core.common import UserError
-from nanochat_jax.data.dataset import describe_embedded, embedded_corpus, iter_documents
+from nanochat_jax.data.documents import describe_embedded, embedded_corpus, iter_documents
 
 
 def write_parquet(path, columns: dict, row_group_size=None):

@@ -1,4 +1,4 @@
-"""Facts about the downloads in nanochat_jax/dataset.py and scripts/download_data.py, against a local HTTP server
+"""Facts about the downloads in nanochat_jax/data/download.py and scripts/download_data.py, against a local HTTP server
 (127.0.0.1, started by the test) that serves generated parquet shards and can misbehave on request."""
 
 import io
@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from nanochat_jax.data import dataset
+from nanochat_jax.data import documents, download, shards
 from nanochat_jax.core.common import UserError
 
 
@@ -94,40 +94,41 @@ def server():
 def fetch(server, name, dest, **kw):
     kw.setdefault("backoff", 0.01)
     kw.setdefault("timeout", 10)
-    return dataset.download_file(f"{server.url}/{name}", dest, **kw)
+    return download.download_file(f"{server.url}/{name}", dest, **kw)
 
 
 def test_happy_path_shards_land_whole_and_are_skipped_next_time(server, base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
-    paths = dataset.download_shards(3, "fineweb-edu-100b", workers=2)
+    paths = download.download_shards(3, "fineweb-edu-100b", workers=2)
     assert [p.name for p in paths] == ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
     for p in paths:
         assert p.read_bytes() == parquet_bytes(int(p.name[6:11]))
     assert not list(paths[0].parent.glob("*.part"))
-    assert dataset.list_shards("fineweb-edu-100b") == paths
-    train, val = dataset.split_shards(paths)
+    assert download.list_shards("fineweb-edu-100b") == paths
+    train, val = download.split_shards(paths)
     assert val == [paths[-1]] and train == paths[:2]
     n = len(server.requests)
-    dataset.download_shards(3, "fineweb-edu-100b", workers=2)
+    download.download_shards(3, "fineweb-edu-100b", workers=2)
     assert len(server.requests) == n          # nothing fetched again
 
 
 def test_shard_urls_default_to_hf_and_follow_the_env(monkeypatch):
     monkeypatch.delenv("NANOCHAT_DATA_URL", raising=False)
-    assert dataset.shard_url(7, "climbmix-400b") == \
+    assert download.shard_url(7, "climbmix-400b") == \
         "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00007.parquet"
-    assert dataset.shard_url(1822, "fineweb-edu-100b").endswith("fineweb-edu-100b-shuffle/resolve/main/shard_01822.parquet")
+    assert download.shard_url(1822, "fineweb-edu-100b").endswith(
+        "fineweb-edu-100b-shuffle/resolve/main/shard_01822.parquet")
     monkeypatch.setenv("NANOCHAT_DATA_URL", "http://mirror/x/")
-    assert dataset.shard_url(3, "climbmix-400b") == "http://mirror/x/shard_00003.parquet"
-    assert dataset.shard_indices(-1, "climbmix-400b") == list(range(6543))
-    assert dataset.shard_indices(2, "climbmix-400b") == [0, 6542]
+    assert download.shard_url(3, "climbmix-400b") == "http://mirror/x/shard_00003.parquet"
+    assert download.shard_indices(-1, "climbmix-400b") == list(range(6543))
+    assert download.shard_indices(2, "climbmix-400b") == [0, 6542]
     with pytest.raises(UserError, match="unknown dataset"):
-        dataset.shard_url(0, "nope")
+        download.shard_url(0, "nope")
 
 
 def test_cut_off_download_resumes_with_a_range_request(server, tmp_path):
     server.plans["/shard_00004.parquet"] = ["cut"]
-    dest = fetch(server, "shard_00004.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    dest = fetch(server, "shard_00004.parquet", tmp_path / "s.parquet", check=download.check_parquet)
     assert dest.read_bytes() == parquet_bytes(4)
     ranges = [r for p, r in server.requests]
     assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
@@ -138,14 +139,14 @@ def test_cut_off_download_resumes_with_a_range_request(server, tmp_path):
 def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
     body = parquet_bytes(5)
     (tmp_path / "s.parquet.part").write_bytes(body[:1000])
-    fetch(server, "shard_00005.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    fetch(server, "shard_00005.parquet", tmp_path / "s.parquet", check=download.check_parquet)
     assert (tmp_path / "s.parquet").read_bytes() == body
     assert server.requests == [("/shard_00005.parquet", "bytes=1000-")]
 
 
 def test_server_errors_are_retried_with_backoff(server, tmp_path):
     server.plans["/shard_00002.parquet"] = ["500", "500"]
-    dest = fetch(server, "shard_00002.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    dest = fetch(server, "shard_00002.parquet", tmp_path / "s.parquet", check=download.check_parquet)
     assert dest.read_bytes() == parquet_bytes(2)
     assert len(server.requests) == 3
 
@@ -167,7 +168,7 @@ def test_404_is_a_clear_error_and_leaves_no_partial_file(server, tmp_path):
 
 def test_corrupt_file_is_detected_and_fetched_again(server, tmp_path):
     server.plans["/shard_00003.parquet"] = ["corrupt"]
-    dest = fetch(server, "shard_00003.parquet", tmp_path / "s.parquet", check=dataset.check_parquet)
+    dest = fetch(server, "shard_00003.parquet", tmp_path / "s.parquet", check=download.check_parquet)
     assert dest.read_bytes() == parquet_bytes(3)
     assert len(server.requests) == 2
 
@@ -175,7 +176,7 @@ def test_corrupt_file_is_detected_and_fetched_again(server, tmp_path):
 def test_corrupt_file_already_on_disk_is_replaced(server, tmp_path):
     dest = tmp_path / "s.parquet"
     dest.write_bytes(b"not parquet at all")
-    fetch(server, "shard_00001.parquet", dest, check=dataset.check_parquet)
+    fetch(server, "shard_00001.parquet", dest, check=download.check_parquet)
     assert dest.read_bytes() == parquet_bytes(1)
 
 
@@ -202,19 +203,18 @@ def test_download_data_script(server, base_dir, capsys):
 
 
 def test_downloaded_shards_feed_iter_documents_and_the_pretokenizer(server, base_dir, monkeypatch):
-    from nanochat_jax.data.dataloader import ShardDocs
     from nanochat_jax.data.tokenizer import Tokenizer
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
     monkeypatch.setenv("NANOCHAT_DATASET", "fineweb-edu-100b")
     with pytest.raises(UserError, match="download_data"):
-        list(dataset.iter_documents("shards"))
-    dataset.download_shards(3)
-    docs = list(dataset.iter_documents("shards"))              # the training shards only
+        list(documents.iter_documents("shards"))
+    download.download_shards(3)
+    docs = list(documents.iter_documents("shards"))            # the training shards only
     assert len(docs) == 100 and docs[0].startswith("shard 0 document 0") and docs[-1].startswith("shard 1 ")
     tok = Tokenizer({bytes([i]): i for i in range(256)})
-    train, val = dataset.ensure_pretokenized("shards", tok, workers=1)
-    val_docs = ShardDocs(val)
-    assert len(ShardDocs(train)) == 100 and len(val_docs) == 50   # the last shard is the validation split
+    train, val = shards.ensure_pretokenized("shards", tok, workers=1)
+    val_docs = shards.ShardDocs(val)
+    assert len(shards.ShardDocs(train)) == 100 and len(val_docs) == 50   # the last shard is the validation split
     assert bytes(val_docs[0].astype("uint8")).decode().startswith("shard 1822 document 0")
 
 
@@ -223,14 +223,14 @@ def test_shards_in_nanochats_own_layout_are_found_and_not_fetched_again(server, 
     """NANOCHAT_BASE_DIR pointing at a PyTorch nanochat directory: its shards (2026: base_data_climbmix/, 2025:
     directly in base_data/) are used as they are."""
     monkeypatch.setenv("NANOCHAT_DATA_URL", server.url)
-    last = dataset.DATASETS[name][1] - 1
+    last = download.DATASETS[name][1] - 1
     theirs = base_dir / subdir
     theirs.mkdir(parents=True)
     for i in (0, last):
         (theirs / f"shard_{i:05d}.parquet").write_bytes(parquet_bytes(i))
-    assert [p.name for p in dataset.list_shards(name)] == ["shard_00000.parquet", f"shard_{last:05d}.parquet"]
-    paths = dataset.download_shards(3, name, workers=2)
-    assert [p.parent for p in paths] == [theirs, dataset.data_dir(name), theirs]
+    assert [p.name for p in download.list_shards(name)] == ["shard_00000.parquet", f"shard_{last:05d}.parquet"]
+    paths = download.download_shards(3, name, workers=2)
+    assert [p.parent for p in paths] == [theirs, download.data_dir(name), theirs]
     assert [path for path, _ in server.requests] == ["/shard_00001.parquet"]   # only the missing one fetched
     monkeypatch.setenv("NANOCHAT_DATASET", name)
-    assert list(dataset.iter_documents("shards"))[0].startswith("shard 0 document 0")
+    assert list(documents.iter_documents("shards"))[0].startswith("shard 0 document 0")

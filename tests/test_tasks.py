@@ -169,8 +169,8 @@ def hub(tmp_path, monkeypatch, base_dir):
 
 
 def test_arc_downloads_and_caches(hub, base_dir):
-    import nanochat_jax.data.dataset as dataset
-    assert hasattr(dataset, "download_file")
+    import nanochat_jax.data.download as download
+    assert hasattr(download, "download_file")
     task = ARC("ARC-Easy", "test")
     assert len(task) == 2
     assert task[0]["messages"][1]["content"] == "B"

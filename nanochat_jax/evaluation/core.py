@@ -57,8 +57,8 @@ def download_eval_bundle(url: str | None = None, base_dir=None) -> Path:
     zip_path = base / "eval_bundle.zip"
     print0(f"downloading the CORE eval bundle from {url}")
     try:
-        from nanochat_jax.data.dataset import download_file
-    except ImportError:  # pragma: no cover - dataset.py always ships; kept so this module stands alone
+        from nanochat_jax.data.download import download_file
+    except ImportError:  # pragma: no cover - download.py always ships; kept so this module stands alone
         download_file = _urlretrieve
     try:
         download_file(url, zip_path, check=_check_zip)

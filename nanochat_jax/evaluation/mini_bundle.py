@@ -68,7 +68,7 @@ _SENTENCE = re.compile(r"[A-Z][a-z][^.!?\n]{30,160}[.]")
 
 def lm_items(n: int = 100, seed: int = 0) -> list[dict]:
     """Prose sentences of the embedded corpus: context = all but the last word, continuation = the last word."""
-    from nanochat_jax.data.dataset import embedded_corpus
+    from nanochat_jax.data.documents import embedded_corpus
     found, seen = [], set()
     for doc in embedded_corpus():
         for m in _SENTENCE.finditer(doc.replace("\n", " ")):

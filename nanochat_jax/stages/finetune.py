@@ -200,7 +200,7 @@ def opt_summary(opt_cfg) -> dict:
 def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int, T: int, steps: int):
     """fn(state, step) -> {"val/loss": Σ masked token losses / Σ tokens over `steps` batches of the val set}."""
     from nanochat_jax.core import sharding as shd
-    from nanochat_jax.data.dataloader import sft_loader
+    from nanochat_jax.data.loader import sft_loader
     from nanochat_jax.train.loop import make_eval_loss
     eval_fn = make_eval_loss(config, mesh, param_sharding)
 
@@ -250,7 +250,7 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     from nanochat_jax.report import writer as report
     from nanochat_jax.train import loop as train
     from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir
-    from nanochat_jax.data.dataloader import sft_loader
+    from nanochat_jax.data.loader import sft_loader
     from nanochat_jax.train.metrics import MetricsLogger
     params, config, tokenizer, meta, label = start
     T = check_seq_len(args, config)

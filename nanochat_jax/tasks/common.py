@@ -121,7 +121,7 @@ def hf_file(repo: str, path: str) -> Path:
         raise TaskDataUnavailable(f"{repo}/{path}: not cached, and NANOCHAT_OFFLINE=1")
     base = os.environ.get(HF_URL_ENV, DEFAULT_HF_URL).rstrip("/")
     url = f"{base}/datasets/{repo}/resolve/main/{path}"
-    from nanochat_jax.data.dataset import download_file
+    from nanochat_jax.data.download import download_file
     try:
         download_file(url, dest)
     except UserError as e:

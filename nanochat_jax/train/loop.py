@@ -231,7 +231,7 @@ class MicroBatches:
 
     def __next__(self) -> dict:
         from nanochat_jax.core import sharding as shd
-        from nanochat_jax.data.dataloader import stack_microbatches
+        from nanochat_jax.data.loader import stack_microbatches
         stacked = stack_microbatches([next(self.loader) for _ in range(self.accum)])
         return shd.put_batch({k: self._local(v) for k, v in stacked.items()}, self.mesh)
 

@@ -6,8 +6,7 @@
     logger.close()
 
 Only process 0 writes; on other processes every method is a no-op. `tensorboard --logdir <base dir>/tensorboard`
-shows every stage and run. tensorboardX is imported lazily; where it is missing (bare GPU nodes) the JSONL file and
-the console still work and a one-line notice says so.
+shows every stage and run.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+from tensorboardX import SummaryWriter
 
 from nanochat_jax.core.common import get_base_dir, print0, process_index
 
@@ -41,11 +42,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=10)
-        except ImportError:
-            print0("metrics: tensorboardX is not installed; writing metrics.jsonl and the console only")
+        self._writer = SummaryWriter(logdir=str(self.log_dir), flush_secs=10)
         self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")
 
     # ------------------------------------------------------------------------------------------------------------
@@ -63,8 +60,7 @@ class MetricsLogger:
         step = int(step)
         floats = {tag: _to_float(v) for tag, v in values.items()}
         for tag, v in floats.items():
-            if self._writer is not None:
-                self._writer.add_scalar(tag, v, global_step=step)
+            self._writer.add_scalar(tag, v, global_step=step)
         self._record({"step": step, "time": time.time(),
                       **{k: (v if math.isfinite(v) else str(v)) for k, v in floats.items()}})
         if self.console:
@@ -75,24 +71,21 @@ class MetricsLogger:
         if not self.enabled:
             return
         step = int(step)
-        if self._writer is not None:
-            self._writer.add_text(tag, text, global_step=step)
+        self._writer.add_text(tag, text, global_step=step)
         self._record({"step": step, "time": time.time(), "tag": tag, "text": text})
         print0(f"[{tag} @ step {step}]\n{text}")
 
     def flush(self):
         if not self.enabled:
             return
-        if self._writer is not None:
-            self._writer.flush()
+        self._writer.flush()
         self._jsonl.flush()
 
     def close(self):
         if not self.enabled or self._jsonl is None:
             return
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._writer.close()
+        self._writer = None
         self._jsonl.close()
         self._jsonl = None
 
