@@ -13,7 +13,7 @@ nanochat's). Results go to <base dir>/base_eval/<model>_<step>.csv (Task, Accura
 import re
 
 from nanochat_jax.report import writer as report
-from nanochat_jax.train.checkpoint import load_model_from_args
+from nanochat_jax.train.load import load_model_from_args
 from nanochat_jax.core.common import ArgumentParser, enable_compilation_cache, get_base_dir, parse_args, print0, run_main
 from nanochat_jax.evaluation.core import evaluate_core, write_csv
 

@@ -9,7 +9,7 @@ pretokenized cache and its validation split is used for val bpb. Writes the "Bas
 """
 
 from nanochat_jax.report import writer as report
-from nanochat_jax.train.checkpoint import load_model_from_args
+from nanochat_jax.train.load import load_model_from_args
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
 from nanochat_jax.data.loader import pretrain_loader
 from nanochat_jax.data.shards import ensure_pretokenized

@@ -41,7 +41,7 @@ def main(argv=None):
     args = parse_args(build_parser(), "chat_eval", argv)
     enable_compilation_cache()
     from nanochat_jax.report import writer as report
-    from nanochat_jax.train.checkpoint import load_model_from_args
+    from nanochat_jax.train.load import load_model_from_args
     from nanochat_jax.evaluation.chat_eval import chatcore, evaluate_tasks
     from nanochat_jax.tasks import EVAL_TASKS, resolve_task_names
 

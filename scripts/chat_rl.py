@@ -156,7 +156,7 @@ def main(argv=None):
                    "user_config": dict(vars(args))}, force=force)
 
     # -- the loop (on policy: every rollout uses the params of the step it trains) --------------------------------
-    from nanochat_jax.train.checkpoint import StopRequest
+    from nanochat_jax.train.stop import StopRequest
     pi, pc = jax.process_index(), jax.process_count()
 
     def local_rows(batch):

@@ -11,7 +11,7 @@ that admit tensor data and the tokenizer's plain data only, never arbitrary clas
 fixtures come from (2025 and 2026 recipes) are recognised from the parameter names.
 """
 
-from nanochat_jax.train.checkpoint import import_nanochat
+from nanochat_jax.interop.nanochat import import_nanochat
 from nanochat_jax.core.common import ArgumentParser, parse_args, print0, run_main
 
 

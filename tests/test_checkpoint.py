@@ -1,4 +1,5 @@
-"""checkpoint.py: Orbax save/restore of a train state (also across meshes), atomic saves, resume rules, exports."""
+"""train/checkpoint.py (with checkpoint_tree.py, stop.py) and train/load.py: Orbax save/restore of a train state (also
+across meshes), atomic saves, resume rules, exports."""
 
 import json
 import os
@@ -16,6 +17,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nanochat_jax.train import checkpoint as ck
+from nanochat_jax.train import load as ld
+from nanochat_jax.train.checkpoint_tree import abstract_state
+from nanochat_jax.train.stop import StopRequest
 from nanochat_jax.core.common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,9 +96,9 @@ def assert_tree_equal(a, b):
 
 @pytest.fixture
 def fake_tokenizer(monkeypatch):
-    monkeypatch.setattr(ck, "_load_tokenizer",
+    monkeypatch.setattr(ld, "_load_tokenizer",
                         lambda d, meta: FakeTokenizer.from_directory(d / ck.TOKENIZER_DIR))
-    monkeypatch.setattr(ck, "_make_config", lambda meta: meta["model_config"])
+    monkeypatch.setattr(ld, "_make_config", lambda meta: meta["model_config"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def test_save_restore_roundtrip_with_loader_state_and_meta(tmp_path):
     mngr.wait()
     assert mngr.all_steps() == [4, 6]           # keep the last 2
     assert mngr.latest_step() == 6
-    restored, lstate, meta = mngr.restore(ck.abstract_state(state))
+    restored, lstate, meta = mngr.restore(abstract_state(state))
     assert isinstance(restored, TrainState)
     assert_tree_equal(restored, state)
     assert lstate == loader_state
@@ -125,7 +129,7 @@ def test_restore_state_with_different_layout_is_user_error(tmp_path):
     mngr.wait()
     other = TrainState(step=state.step, params=state.params, opt_state=optax.sgd(0.1).init(state.params))
     with pytest.raises(UserError, match="different train state layout"):
-        mngr.restore(ck.abstract_state(other))
+        mngr.restore(abstract_state(other))
     mngr.close()
 
 
@@ -202,7 +206,7 @@ def test_interrupted_save_is_never_the_latest(tmp_path):
     mngr = ck.CheckpointManager(run)
     assert mngr.latest_step() == 1, sorted(os.listdir(run))
     template = {"params": {"w": jnp.zeros((2048, 1024))}, "opt": {"m": jnp.zeros((2048, 1024))}}
-    state, loader_state, meta = mngr.restore(ck.abstract_state(template))
+    state, loader_state, meta = mngr.restore(abstract_state(template))
     assert float(state["params"]["w"][0, 0]) == 1.0 and loader_state == {"row": 1}
     mngr.close()
     assert ck.check_output_dir(run, resume=True, overwrite=False, config={"a": 1}) == 1
@@ -229,7 +233,7 @@ def test_check_output_dir_rules(tmp_path):
 
 
 def test_stop_request_turns_sigterm_into_a_flag():
-    stop = ck.StopRequest().install()
+    stop = StopRequest().install()
     try:
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGTERM)
@@ -250,32 +254,32 @@ def test_export_and_load_model_semantics(tmp_path, base_dir, fake_tokenizer):
     mngr.close()
 
     # a run dir -> newest step; a step dir -> that step; the stage via load_model
-    p, cfg, tok, meta = ck.load_model_from_path(run)
+    p, cfg, tok, meta = ld.load_model_from_path(run)
     assert meta["step"] == 20 and cfg == CONFIG and tok.tag == "base"
     np.testing.assert_array_equal(p["wte"], state.params["wte"] * 20)
-    p, _, _, meta = ck.load_model_from_path(run / "10")
+    p, _, _, meta = ld.load_model_from_path(run / "10")
     assert meta["step"] == 10
     np.testing.assert_array_equal(p["wte"], state.params["wte"] * 10)
-    assert ck.load_model("base")[3]["step"] == 20
-    assert ck.load_model("base", "d2", step=10)[3]["step"] == 10
-    assert ck.load_model_from_path(base_dir / "checkpoints" / "base")[3]["step"] == 20   # stage dir: newest tag
+    assert ld.load_model("base")[3]["step"] == 20
+    assert ld.load_model("base", "d2", step=10)[3]["step"] == 10
+    assert ld.load_model_from_path(base_dir / "checkpoints" / "base")[3]["step"] == 20   # stage dir: newest tag
     with pytest.raises(UserError, match="no checkpoint of step 15"):
-        ck.load_model("base", "d2", step=15)
+        ld.load_model("base", "d2", step=15)
     with pytest.raises(UserError, match="no sft checkpoints"):
-        ck.load_model("sft")
+        ld.load_model("sft")
     with pytest.raises(UserError, match="does not exist"):
-        ck.load_model_from_path(tmp_path / "nope")
+        ld.load_model_from_path(tmp_path / "nope")
 
     # weights-only export: bf16, no optimizer state, tokenizer files beside it
-    out = ck.export_weights(tmp_path / "export", p, CONFIG, FakeTokenizer("base"), meta={"step": 10})
+    out = ld.export_weights(tmp_path / "export", p, CONFIG, FakeTokenizer("base"), meta={"step": 10})
     assert sorted(os.listdir(out)) == ["export.json", "params", "tokenizer"]
-    pe, cfg, tok, meta = ck.load_model_from_path(out, dtype=None)
+    pe, cfg, tok, meta = ld.load_model_from_path(out, dtype=None)
     assert pe["wte"].dtype == jnp.bfloat16 and meta["dtype"] == "bfloat16" and meta["step"] == 10
     np.testing.assert_array_equal(np.asarray(pe["wte"]), np.asarray(p["wte"].astype(jnp.bfloat16)))
-    pe32 = ck.load_model_from_path(out)[0]
+    pe32 = ld.load_model_from_path(out)[0]
     assert pe32["wte"].dtype == jnp.float32
     with pytest.raises(UserError, match="not empty"):
-        ck.export_weights(tmp_path / "export", p, CONFIG)
+        ld.export_weights(tmp_path / "export", p, CONFIG)
 
 
 def test_meta_with_numpy_values_is_saved_as_json(tmp_path):
@@ -357,8 +361,8 @@ def test_a_damaged_step_is_one_clear_error_and_a_resume_falls_back(tmp_path, dam
     with pytest.raises(UserError, match=f"/2 is damaged: {rel}"):
         mngr.restore_params()                                   # an inference load: refused, in one line
     with pytest.raises(UserError, match="damaged"):
-        mngr.restore(ck.abstract_state(state), 2)               # an explicit step: no silent fallback
-    restored, loader_state, meta = mngr.restore(ck.abstract_state(state), 2, fallback=True)   # a resume
+        mngr.restore(abstract_state(state), 2)               # an explicit step: no silent fallback
+    restored, loader_state, meta = mngr.restore(abstract_state(state), 2, fallback=True)   # a resume
     assert meta["step"] == 1 and loader_state == {"pos": 1}
     assert_tree_equal(restored, state)
     assert "resuming from step 1" in capsys.readouterr().out

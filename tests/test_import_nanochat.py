@@ -1,4 +1,4 @@
-"""scripts/import_nanochat.py and checkpoint's torch-free readers: a .pt written in torch's zip format by this
+"""scripts/import_nanochat.py and interop/nanochat.py's torch-free readers: a .pt written in torch's zip format by this
 test (no torch installed), imported, gives nanochat's own logits."""
 
 import collections
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from helpers import load_ref, ref_state_dict
-from nanochat_jax.train import checkpoint as ck
+from nanochat_jax.interop import nanochat
+from nanochat_jax.train.load import load_model
 from nanochat_jax.core.common import UserError
 
 
@@ -115,7 +116,7 @@ def test_reader_handles_views_offsets_bf16_and_refuses_other_classes(tmp_path):
         "t": (base, 2, (3, 4), (1, 3)),        # a transposed view starting at element 2
         "b": bf,
         "n": np.array([7, 8], dtype=np.int64)})
-    sd = ck.read_torch_state_dict(tmp_path / "m.pt")
+    sd = nanochat.read_torch_state_dict(tmp_path / "m.pt")
     np.testing.assert_array_equal(sd["_orig_mod.a"], np.arange(6).reshape(2, 3))
     np.testing.assert_array_equal(sd["t"], base[2:14].reshape(4, 3).T)
     assert sd["b"].dtype == ml_dtypes.bfloat16
@@ -130,15 +131,15 @@ def test_reader_handles_views_offsets_bf16_and_refuses_other_classes(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps({"x": Evil()}))
     with pytest.raises(UserError, match="refusing to load"):
-        ck.read_torch_state_dict(tmp_path / "evil.pt")
+        nanochat.read_torch_state_dict(tmp_path / "evil.pt")
     (tmp_path / "evil_tok.pkl").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(UserError, match="refusing to load"):
-        ck.read_tiktoken_pickle(tmp_path / "evil_tok.pkl")
+        nanochat.read_tiktoken_pickle(tmp_path / "evil_tok.pkl")
 
 
 def test_tokenizer_pickle_becomes_our_tokenizer(tmp_path):
     enc = write_tokenizer_pkl(tmp_path / "tokenizer.pkl", 503)
-    tok = ck.read_tiktoken_pickle(tmp_path / "tokenizer.pkl")
+    tok = nanochat.read_tiktoken_pickle(tmp_path / "tokenizer.pkl")
     assert tok.get_vocab_size() == 512
     text = "hello world, abc zz"
     assert tok.encode(text) == enc.encode_ordinary(text)
@@ -161,7 +162,7 @@ def test_import_gives_nanochat_logits(tmp_path, base_dir, name):
 
     out = import_nanochat.main([str(src)])
     assert out == base_dir / "checkpoints" / "sft" / "d2"          # stage from nanochat's directory name
-    params, config, tok, info = ck.load_model("sft", "d2")
+    params, config, tok, info = load_model("sft", "d2")
     assert info["step"] == 10 and info["val_bpb"] == 1.25 and tok.get_vocab_size() == config.vocab_size
     logits = model.forward(params, jnp.asarray(arrays["idx"]), config)
     np.testing.assert_allclose(np.asarray(logits), arrays["logits"], atol=1e-5, rtol=0)

@@ -448,7 +448,7 @@ def tiny_export(real_tokenizer, tmp_path_factory):
     """A random d2 model with the real tokenizer, written as a weights-only export."""
     import jax
 
-    from nanochat_jax.train.checkpoint import export_weights
+    from nanochat_jax.train.load import export_weights
     from nanochat_jax.core.config import ModelConfig
     from nanochat_jax.model import init_params
     config = ModelConfig.from_depth(2, vocab_size=real_tokenizer.get_vocab_size(), max_seq_len=128)
@@ -459,7 +459,7 @@ def tiny_export(real_tokenizer, tmp_path_factory):
 @pytest.mark.slow
 def test_real_engine_serves_a_tiny_random_model(tiny_export):
     pytest.importorskip("nanochat_jax.infer.engine")
-    from nanochat_jax.train.checkpoint import load_model_from_path
+    from nanochat_jax.train.load import load_model_from_path
     from nanochat_jax.infer.engine import Engine
     params, config, tokenizer, meta = load_model_from_path(tiny_export)
     app = create_app([Engine(params, config, tokenizer)], tokenizer, max_context=config.sequence_len,
@@ -492,7 +492,7 @@ def test_chat_cli_answers_with_a_tiny_random_model(tiny_export):
 def test_continuous_batching_server_with_a_tiny_random_model(tiny_export):
     """chat_web's engines (BatchScheduler, 4 rows): 8 concurrent clients complete; a disconnect frees its row."""
     pytest.importorskip("nanochat_jax.infer.engine")
-    from nanochat_jax.train.checkpoint import load_model_from_path
+    from nanochat_jax.train.load import load_model_from_path
     from scripts.chat_web import build_workers
     params, config, tokenizer, meta = load_model_from_path(tiny_export)
     workers = build_workers(params, config, tokenizer, 1, 4)

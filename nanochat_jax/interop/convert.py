@@ -5,7 +5,7 @@
 (params, ModelConfig). The recipe is detected from the keys: the 2026 (head) checkpoints carry `resid_lambdas`,
 `smear_gate.weight`, `value_embeds.*`; the 2025 ones have only wte, blocks and lm_head. Linear weights are
 transposed from PyTorch's (out, in) to our (in, out); vocab rows are padded with zeros to a multiple of 64.
-Reading the checkpoint files themselves is the checkpoint module's job.
+Reading the checkpoint files themselves is `interop.nanochat`'s job.
 """
 
 from __future__ import annotations

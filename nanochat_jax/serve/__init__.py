@@ -513,7 +513,7 @@ def add_model_args(parser):
 
 def load_chat_model(args):
     """(params, config, tokenizer, meta) for the model chosen by add_model_args' flags."""
-    from nanochat_jax.train.checkpoint import load_model_from_args
+    from nanochat_jax.train.load import load_model_from_args
     return load_model_from_args(args)
 
 

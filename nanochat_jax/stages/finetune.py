@@ -70,7 +70,7 @@ def add_output_args(p):
 
 def load_start(args):
     """(params fp32, config, tokenizer, meta, label) from --checkpoint PATH or --source/--model-tag/--step."""
-    from nanochat_jax.train.checkpoint import load_model_from_args
+    from nanochat_jax.train.load import load_model_from_args
     params, config, tokenizer, meta = load_model_from_args(args)
     label = str(args.checkpoint) if args.checkpoint else f"{args.source}/{args.model_tag or 'newest'}"
     return params, config, tokenizer, meta, label
@@ -82,7 +82,7 @@ def source_tag(args, meta, config) -> str:
         return args.out_tag
     if args.model_tag:
         return args.model_tag
-    from nanochat_jax.train.checkpoint import resolve_checkpoint
+    from nanochat_jax.train.load import resolve_checkpoint
     from nanochat_jax.core.common import get_base_dir
     try:
         path = args.checkpoint or get_base_dir() / "checkpoints" / args.source

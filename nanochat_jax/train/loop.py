@@ -325,7 +325,7 @@ def run_loop(state, step_fn, batches, *, num_steps: int, tokens_per_step: int, s
     metrics from step_fn: "loss" (required), "grad_norm", "lr" (the LR multiplier), any other scalars.
     """
     import jax
-    from nanochat_jax.train.checkpoint import StopRequest
+    from nanochat_jax.train.stop import StopRequest
     from nanochat_jax.core.common import print0
 
     loop = loop_state or LoopState()
