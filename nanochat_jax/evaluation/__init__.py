@@ -4,7 +4,11 @@ fixed-shape buffer, no engine or KV cache needed)."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from nanochat_jax import model
 
 # nanochat's base-model prompts (scripts/base_loss.py and the sampling in base_train.py)
 SAMPLE_PROMPTS = [
@@ -20,10 +24,7 @@ SAMPLE_PROMPTS = [
 
 def make_greedy_step(config, forward_fn=None):
     """Jitted (params, tokens (P, T), lens (P,)) -> (tokens, lens + 1): append each row's argmax next token."""
-    import jax
-    import jax.numpy as jnp
     if forward_fn is None:
-        from nanochat_jax import model
         forward_fn = lambda p, t: model.forward(p, t, config)  # noqa: E731
 
     @jax.jit

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanochat_jax import model
+
 BYTE_COUNTS = ("raw", "decoded")
 
 
@@ -38,7 +40,6 @@ def make_bpb_fn(config=None, loss_fn=None):
     loss_fn(params, inputs, targets) -> (sum of token losses over targets != -1, count); default the model's.
     """
     if loss_fn is None:
-        from nanochat_jax import model
         loss_fn = functools.partial(model.loss_and_count, config=config)
 
     @jax.jit

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import model as model_lib
+from nanochat_jax.tasks import TaskDataUnavailable, get_task
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -98,7 +99,6 @@ def chatcore(results: dict, baselines: dict) -> float | None:
 def evaluate_tasks(task_names, params, config, tokenizer, engine_factory, max_problems=None, batch_size=16,
                    num_samples=1, max_tokens=256, temperature=0.0, top_k=None, split="test", log=print):
     """Run each named task; returns {name: accuracy or None (skipped)} and {name: note}."""
-    from nanochat_jax.tasks import TaskDataUnavailable, get_task
     results, notes, engine = {}, {}, None
     for name in task_names:
         t0 = time.time()

