@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 from nanochat_jax import model  # noqa: E402
 from nanochat_jax.core.common import ArgumentParser, print0, run_main  # noqa: E402
 from nanochat_jax.core.config import ModelConfig  # noqa: E402
-from nanochat_jax.infer.engine import BatchScheduler, Engine  # noqa: E402
+from nanochat_jax.infer.engine import Engine  # noqa: E402
+from nanochat_jax.infer.scheduler import BatchScheduler  # noqa: E402
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]

@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, run_main
-from nanochat_jax.serve import add_model_args, load_chat_model, plan_generation, stop_token_ids
+from nanochat_jax.serve.model_args import add_model_args, load_chat_model
+from nanochat_jax.serve.protocol import plan_generation, stop_token_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ from __future__ import annotations
 import logging
 
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
-from nanochat_jax.serve import add_model_args, load_chat_model, model_label
+from nanochat_jax.serve.app import create_app, serve
+from nanochat_jax.serve.model_args import add_model_args, load_chat_model, model_label
+from nanochat_jax.serve.pool import Worker
+from nanochat_jax.serve.protocol import MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, plan_generation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +57,8 @@ class DeviceEngine:
 
     def __init__(self, params, config, tokenizer, device, slots: int = 1):
         import jax
-        from nanochat_jax.infer.engine import BatchScheduler, Engine
+        from nanochat_jax.infer.engine import Engine
+        from nanochat_jax.infer.scheduler import BatchScheduler
         self.device = device
         with jax.default_device(device):
             self.engine = Engine(jax.device_put(params, device), config, tokenizer, max_batch=max(slots, 1))
@@ -80,7 +84,6 @@ class DeviceEngine:
 
 def build_workers(params, config, tokenizer, num_workers: int | None, slots: int):
     import jax
-    from nanochat_jax.serve import Worker
     devices = jax.local_devices()
     if num_workers is None:
         num_workers = 1 if devices[0].platform == "cpu" else len(devices)
@@ -101,8 +104,6 @@ def build_workers(params, config, tokenizer, num_workers: int | None, slots: int
 
 def main(argv=None):
     args = parse_args(build_parser(), "chat_web", argv)
-    from nanochat_jax.serve import (MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, create_app, plan_generation,
-                                  serve)
     if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
         raise UserError(f"-t/--temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]")
     if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:

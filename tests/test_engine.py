@@ -1,5 +1,5 @@
-"""Facts about nanochat_jax/engine.py: exact KV-cached decoding, sampling, no recompiles, tool use, streaming,
-batched and continuous-batched generation."""
+"""Facts about nanochat_jax/infer (engine, batch, sampling, scheduler, prompt): exact KV-cached decoding, sampling,
+no recompiles, tool use, streaming, batched and continuous-batched generation."""
 
 import collections
 import functools
@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nanochat_jax.infer.engine import BatchScheduler, Engine, TextStream, _DecodeBatch, prompt_buckets, sample_logits
+from nanochat_jax.infer.batch import DecodeBatch, TextStream
+from nanochat_jax.infer.engine import Engine, prompt_buckets
+from nanochat_jax.infer.sampling import sample_logits
+from nanochat_jax.infer.scheduler import BatchScheduler
 from nanochat_jax.infer.execution import calculator
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -184,7 +187,7 @@ def test_cached_decode_equals_full_recompute(recipe, n_kv, window):
             if r is not None:
                 seen.append((r.req.prompt + r.req.completions[r.sample], logits[b]))
 
-    batch = _DecodeBatch(engine, 2, logits_hook=hook)
+    batch = DecodeBatch(engine, 2, logits_hook=hook)
     rng = np.random.default_rng(1)
     prompts = [[256] + rng.integers(0, 256, n - 1).tolist() for n in (7, 20)]  # rows at different positions
     reqs = engine._requests(prompts, 1, 30, 1.0, None, None, 3)
@@ -250,7 +253,7 @@ def test_generate_batch_equals_one_by_one(tiny):
 
 def _run_rows(engine, prompts, chunk: int, max_tokens, temperature, seed=5):
     """Decode `prompts` in one batch, `chunk` steps per device call; -> per row (completion, mask, finish reason)."""
-    batch = _DecodeBatch(engine, len(prompts))
+    batch = DecodeBatch(engine, len(prompts))
     reqs = engine._requests(prompts, 1, max_tokens, temperature, None, None, seed)
     for r in reqs:
         batch.admit(r)
@@ -352,7 +355,7 @@ def test_forced_tokens_are_fed_to_the_model(chunk):
     forced = [SP["<|output_start|>"]] + text_ids("7") + [SP["<|output_end|>"]]
     engine = scripted_engine(_tool_script(prompt, "3+4", len(forced)))
     req = engine._requests([prompt], 1, 60, 0.0, None, None, 0)[0]
-    batch = _DecodeBatch(engine, 2)
+    batch = DecodeBatch(engine, 2)
     batch.admit(req)
     while batch.active:
         batch.step(chunk)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat_jax.serve import create_app
+from nanochat_jax.serve.app import create_app
 from webfakes import FakeEngine, FakeTokenizer, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -1,4 +1,4 @@
-"""Facts about the chat server (nanochat_jax/web), over real HTTP on 127.0.0.1 with a scripted fake engine."""
+"""Facts about the chat server (nanochat_jax/serve), over real HTTP on 127.0.0.1 with a scripted fake engine."""
 
 import json
 import socket
@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from nanochat_jax.serve import (MAX_BODY_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, Worker, create_app,
-                              render_prompt)
+from nanochat_jax.serve.app import create_app
+from nanochat_jax.serve.pool import Worker
+from nanochat_jax.serve.protocol import (MAX_BODY_BYTES, MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS,
+                                         plan_generation)
 from webfakes import FakeEngine, FakeTokenizer, SPECIALS, last_user_text, request, running_server, sse_events
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,6 +169,7 @@ BAD_BODIES = {
     "bad role": {"messages": [{"role": "wizard", "content": "hi"}]},
     "role not a string": {"messages": [{"role": 1, "content": "hi"}]},
     "system role on nanochat route": {"messages": [{"role": "system", "content": "hi"}, *USER]},
+    "no user message": {"messages": [{"role": "assistant", "content": "hi"}]},
     "temperature too high": {"messages": USER, "temperature": 2.01},
     "temperature negative": {"messages": USER, "temperature": -0.1},
     "temperature a string": {"messages": USER, "temperature": "hot"},
@@ -252,29 +255,49 @@ def test_openai_route_specific_validation(server):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Prompt rendering: too-long conversations drop their oldest turns, never crash
+# Prompts: the tokenizer's chat format, fitted by infer/prompt.fit_conversation; too-long conversations drop their
+# oldest turns, never crash
 
-def test_render_prompt_drops_oldest_turns_and_keeps_system():
+def prompt(tok, messages, max_context, max_tokens):
+    return plan_generation(tok, messages, max_context=max_context, max_tokens=max_tokens, temperature=0.0, top_k=0,
+                           seed=0)[0]
+
+
+def test_prompt_drops_oldest_turns_and_keeps_system():
     tok = FakeTokenizer()
     messages = [{"role": "system", "content": "SYS"}]
     for i in range(20):
         messages += [{"role": "user", "content": f"question {i:02d}"}, {"role": "assistant", "content": "x" * 30}]
     messages.append({"role": "user", "content": "last one"})
-    ids = render_prompt(tok, messages, 120)
-    assert len(ids) <= 120
+    ids = prompt(tok, messages, max_context=240, max_tokens=120)
+    assert len(ids) < 120  # the reply's 120 tokens fit after it
     assert ids[0] == tok.get_bos_token_id() and ids[-1] == tok.encode_special("<|assistant_start|>")
     assert ids[1] == tok.encode_special("<|user_start|>")  # starts with a user turn
     text = tok.decode(ids)
     assert text.startswith("SYS\n\n") and "last one" in text and "question 00" not in text
     assert last_user_text(ids) == "last one"
-    # a single enormous message is cut from the left, keeping its end
-    ids = render_prompt(tok, [{"role": "user", "content": "a" * 500 + "END"}], 64)
-    assert len(ids) == 64 and tok.decode(ids).endswith("END")
+    # a single enormous message is cut from the left, keeping <|bos|> and its end
+    ids = prompt(tok, [{"role": "user", "content": "a" * 500 + "END"}], max_context=128, max_tokens=64)
+    assert len(ids) == 128 - 64 - 1 and ids[0] == tok.get_bos_token_id() and tok.decode(ids).endswith("END")
+
+
+def test_requests_out_of_chat_order_are_reshaped():
+    tok = FakeTokenizer()
+    u, a, s = ({"role": r, "content": t} for r, t in (("user", "q"), ("assistant", "r"), ("system", "S")))
+    # a message sent again after a reply that never came joins the first
+    assert last_user_text(prompt(tok, [u, {"role": "user", "content": "q2"}], 256, 16)) == "q\n\nq2"
+    # system texts, wherever they are, join the first user turn; an assistant turn before it is dropped
+    ids = prompt(tok, [a, u, s, a, {"role": "system", "content": "T"}, u], 256, 16)
+    assert ids == tok.render_for_completion({"messages": [{"role": "system", "content": "S\n\nT"}, u, a, u]})
+    # system text alone is the user's turn
+    sp = tok.encode_special
+    assert prompt(tok, [s], 256, 16) == [0, sp("<|user_start|>"), *tok.encode("S"), sp("<|user_end|>"),
+                                         sp("<|assistant_start|>")]
 
 
 def test_long_conversation_is_served(server):
     port, engine = server
-    long = msgs(9, "w" * 3000) + [{"role": "user", "content": "final"}]
+    long = msgs(10, "w" * 3000) + [{"role": "user", "content": "final"}]
     events = chat(port, long, max_tokens=20)
     assert "".join(e.get("token", "") for e in events) == "echo: final"
     assert len(engine.calls[-1]["tokens"]) + engine.calls[-1]["max_tokens"] <= 256
@@ -380,7 +403,6 @@ def test_client_disconnect_frees_the_slot():
 def test_chat_web_main_serves_with_flags(monkeypatch):
     from types import SimpleNamespace
 
-    import nanochat_jax.serve as web
     import scripts.chat_web as chat_web
 
     engine, servers = FakeEngine(), []
@@ -388,12 +410,12 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
                         lambda args: ({}, SimpleNamespace(n_layer=2, sequence_len=128, vocab_size=300),
                                       FakeTokenizer(), {"step": 7}))
     monkeypatch.setattr(chat_web, "build_workers", lambda p, c, t, n, s: [Worker(engine, id=0, slots=s)])
-    real_serve = web.serve
+    real_serve = chat_web.serve
 
     def recording_serve(app, host, port):
         servers.append(real_serve(app, host, port))
         return servers[-1]
-    monkeypatch.setattr(web, "serve", recording_serve)
+    monkeypatch.setattr(chat_web, "serve", recording_serve)
     argv = ["--checkpoint", "/x/d4", "--host", "127.0.0.1", "--port", "0", "-t", "0.3", "-k", "9", "-m", "100",
             "--slots", "3"]
     thread = threading.Thread(target=chat_web.main, args=(argv,), daemon=True)
@@ -435,12 +457,12 @@ def real_tokenizer():
     return Tokenizer(ranks)  # vocab 270: bytes, 5 merges, 9 specials
 
 
-def test_render_prompt_matches_the_tokenizer_chat_format(real_tokenizer):
+def test_prompt_is_the_tokenizer_chat_format(real_tokenizer):
     tok = real_tokenizer
     conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello there"},
             {"role": "assistant", "content": "How are you?"}, {"role": "user", "content": "Why is the sky blue?"}]
-    assert render_prompt(tok, conv, 10_000) == tok.render_for_completion({"messages": conv})
-    assert render_prompt(tok, conv[1:2], 10_000) == tok.render_for_completion({"messages": conv[1:2]})
+    for messages in (conv, conv[1:2], conv[1:]):
+        assert prompt(tok, messages, 10_000, 100) == tok.render_for_completion({"messages": messages})
 
 
 @pytest.fixture(scope="module")
@@ -523,16 +545,16 @@ def test_continuous_batching_server_with_a_tiny_random_model(tiny_export):
         scheduler.close()
 
 
-def test_render_prompt_counts_the_system_text_when_dropping_turns():
+def test_prompt_counts_the_system_text_when_dropping_turns():
     tok = FakeTokenizer()
     system = {"role": "system", "content": "S" * 40}
     turns = [{"role": "user", "content": "u" * 20}, {"role": "assistant", "content": "a" * 20},
              {"role": "user", "content": "v" * 20}, {"role": "assistant", "content": "b" * 20},
              {"role": "user", "content": "last"}]
-    ids = render_prompt(tok, [system] + turns, 90)
+    ids = prompt(tok, [system] + turns, max_context=180, max_tokens=90)
     text = tok.decode(ids)
-    assert len(ids) <= 90 and text.startswith("S" * 40 + "\n\n")  # the system text kept whole
+    assert len(ids) < 90 and text.startswith("S" * 40 + "\n\n")  # the system text kept whole
     assert text.endswith("last") and "u" * 20 not in text
-    # a conversation that fits is left alone, even when it starts with an assistant turn
-    ids = render_prompt(tok, [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "yo"}], 100)
-    assert ids[1] == tok.encode_special("<|assistant_start|>")
+    # the chat format starts with the user: an assistant turn before the first user turn is dropped
+    ids = prompt(tok, [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "yo"}], 200, 100)
+    assert ids[1] == tok.encode_special("<|user_start|>") and tok.decode(ids) == "yo"

@@ -12,13 +12,20 @@ import json
 import threading
 import time
 
+from nanochat_jax.data.tokenizer import Tokenizer
+from nanochat_jax.serve.app import serve
+
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
 OFFSET = len(SPECIALS)  # byte b is token b + OFFSET
 
 
 class FakeTokenizer:
-    """Bytes as tokens, the 9 special tokens first."""
+    """Bytes as tokens, the 9 special tokens first; conversations render in the real tokenizer's chat format."""
+
+    bos_token_id = 0
+    render_conversation = Tokenizer.render_conversation
+    render_for_completion = Tokenizer.render_for_completion
 
     def get_bos_token_id(self):
         return 0
@@ -85,7 +92,6 @@ class FakeEngine:
 @contextlib.contextmanager
 def running_server(app):
     """Serve `app` on a free port of 127.0.0.1 (werkzeug, threaded); yields the port."""
-    from nanochat_jax.serve import serve
     server = serve(app, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
