@@ -1,4 +1,4 @@
-"""Facts about nanochat_jax/config.py: sizing from depth, validation, flags, scaling rules."""
+"""Facts about nanochat_jax/core/config.py: sizing from depth, validation, flags, scaling rules."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Facts about nanochat_jax/convert.py: nanochat state_dicts in and out."""
+"""Facts about nanochat_jax/interop/convert.py: nanochat state_dicts in and out."""
 
 import jax
 import jax.numpy as jnp

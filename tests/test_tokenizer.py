@@ -1,4 +1,4 @@
-"""Facts about nanochat_jax/tokenizer.py: round trips on any Unicode, specials only on request, plain-data save/load
+"""Facts about nanochat_jax/data/tokenizer.py: round trips on any Unicode, specials only on request, plain-data save/load
 with a stable fingerprint, token byte lengths, and nanochat's conversation rendering with exact loss masks."""
 
 import json

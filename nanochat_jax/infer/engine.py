@@ -71,7 +71,7 @@ class Engine:
     """Jitted, KV-cached generation for one model. Thread-safe for concurrent `generate`/`stream` calls (each call
     runs its own batch; the compiled functions are shared); use `BatchScheduler` to batch concurrent requests.
 
-    params, config: the model (model.init_params / checkpoint.load_model). tokenizer: for the special tokens, the
+    params, config: the model (model.init_params / nanochat_jax.load_model). tokenizer: for the special tokens, the
     tool and text pieces. max_batch: the most rows one decode step runs. max_len: the cache length (prompt +
     completion), default config.sequence_len. tool: expr -> result string (default: the sandboxed calculator).
     model: the module providing init_cache/forward_cached (tests pass a fake).
