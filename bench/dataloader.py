@@ -87,7 +87,7 @@ def step_rate(depth, T, steps):
         from nanochat_jax import model
         from nanochat_jax import optim
         from nanochat_jax.core import sharding
-        from nanochat_jax.train import loop as train
+        from nanochat_jax.train import step as train
         from nanochat_jax.core.config import ModelConfig
     except ImportError as e:
         return None, f"train step not available ({e})"

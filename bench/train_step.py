@@ -61,7 +61,7 @@ def build(depth, seq, batch, mesh_spec=None, devices=None, mode="dp", vocab=None
     from nanochat_jax import model
     from nanochat_jax import optim
     from nanochat_jax.core import sharding
-    from nanochat_jax.train import loop as train
+    from nanochat_jax.train import step as train
     from nanochat_jax.core.config import ModelConfig
     config = ModelConfig.from_depth(depth, max_seq_len=seq, **({"vocab_size": vocab} if vocab else {}))
     mesh = sharding.make_mesh(mesh_spec, devices=devices)

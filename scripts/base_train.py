@@ -19,10 +19,28 @@ directory: it is tokenized once into <base dir>/pretok and reused. Checkpoints g
 
 import dataclasses
 import math
+from pathlib import Path
 
+import jax
+import numpy as np
+
+from nanochat_jax import model
 from nanochat_jax.core import config as cfg
-from nanochat_jax.core.common import (ArgumentParser, UserError, compute_dtype, enable_compilation_cache, parse_args, print0,
-                                 run_main)
+from nanochat_jax.core import sharding as shd
+from nanochat_jax.core.common import (ArgumentParser, UserError, compute_dtype, enable_compilation_cache, parse_args,
+                                      print0, run_main)
+from nanochat_jax.data.loader import pretrain_loader
+from nanochat_jax.data.shards import ensure_pretokenized
+from nanochat_jax.data.tokenizer import get_tokenizer
+from nanochat_jax.evaluation import core as core_eval
+from nanochat_jax.evaluation import greedy_samples, make_greedy_step, mini_bundle
+from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn
+from nanochat_jax.optim import OptConfig
+from nanochat_jax.report import writer as report
+from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
+from nanochat_jax.train.loop import Hook, MicroBatches, process_rows, resume_run, run_loop
+from nanochat_jax.train.metrics import MetricsLogger
+from nanochat_jax.train.step import setup_train
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +150,6 @@ def make_plan(args, config, data_devices: int) -> Plan:
 
 def make_opt_config(args, plan: Plan):
     """nanochat's optimizer settings for the recipe, the flags' overrides, and the 2026 batch/data scalings."""
-    from nanochat_jax.optim import OptConfig
     c = plan.config
     over = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr",
                                           "weight_decay", "warmup_steps", "warmdown_ratio", "final_lr_frac")
@@ -151,7 +168,6 @@ def make_opt_config(args, plan: Plan):
 def val_batches(val_shards, tokenizer, plan: Plan):
     """The validation stream: global (rows, T) batches in corpus order (repeating; a split smaller than one batch
     is read anyway: nanochat's embedded-corpus miniature holds out only ~3k tokens)."""
-    from nanochat_jax.data.loader import pretrain_loader
     return pretrain_loader(val_shards, plan.rows, plan.seq_len, tokenizer.get_bos_token_id(), shuffle=False,
                            fingerprint=tokenizer.fingerprint(), require_full_batch=False, process_index=0,
                            process_count=1)
@@ -160,36 +176,23 @@ def val_batches(val_shards, tokenizer, plan: Plan):
 def core_bundle(args):
     """The CORE bundle directory, downloaded or built now (at start-up, so that a failure is not mid-run)."""
     if args.core_bundle_dir == "mini":
-        from nanochat_jax.evaluation.mini_bundle import ensure_mini_bundle
-        return ensure_mini_bundle()
+        return mini_bundle.ensure_mini_bundle()
     if args.core_bundle_dir:
-        from pathlib import Path
         if not (Path(args.core_bundle_dir) / "core.yaml").is_file():
             raise UserError(f"--core-bundle-dir {args.core_bundle_dir}: not an eval bundle (no core.yaml)")
         return Path(args.core_bundle_dir)
-    from nanochat_jax.evaluation.core import download_eval_bundle
-    return download_eval_bundle()
+    return core_eval.download_eval_bundle()
 
 
 def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh, bundle=None):
-    import jax
-    import numpy as np
-    from nanochat_jax.core import sharding as shd
-    from nanochat_jax.evaluation import greedy_samples, make_greedy_step
-    from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn
-    from nanochat_jax.train.loop import Hook
+    """Val bpb every --eval-every steps, CORE every --core-metric-every, greedy samples every --sample-every."""
     config = plan.config
-    pi, pc = jax.process_index(), jax.process_count()
     eval_steps = max(1, args.eval_tokens // (plan.rows * plan.seq_len))
     token_bytes = tokenizer.token_bytes()
     bpb_fn = make_bpb_fn(config)
 
-    def local_rows(x):
-        rows = x.shape[0] // pc
-        return x[pi * rows:(pi + 1) * rows]
-
     def put(x):
-        return shd.put_batch({"x": local_rows(np.asarray(x))}, mesh)["x"]
+        return shd.put_batch({"x": process_rows(np.asarray(x))}, mesh)["x"]
 
     def val_bpb(state, step):
         loader = val_batches(val_shards, tokenizer, plan)
@@ -205,8 +208,7 @@ def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh, bundle=None):
         return {"samples": "\n".join(greedy_samples(state.params, config, tokenizer, step_fn=greedy))}
 
     def core(state, step):
-        from nanochat_jax.evaluation.core import evaluate_core
-        r = evaluate_core(state.params, config, tokenizer, max_per_task=args.core_metric_max_per_task,
+        r = core_eval.evaluate_core(state.params, config, tokenizer, max_per_task=args.core_metric_max_per_task,
                           bundle_dir=bundle)
         out = {"core/metric": r["core_metric"]}
         out.update({f"core/{k}": v for k, v in r["centered_results"].items()})
@@ -225,13 +227,10 @@ def main(argv=None):
         args.resume = True
 
     # -- compute set-up (before anything touches a device) ----------------------------------------------------------
-    from nanochat_jax.core import sharding as shd
     shd.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    import jax
     enable_compilation_cache()
 
     # -- tokenizer, model config, mesh, batch plan ------------------------------------------------------------------
-    from nanochat_jax.data.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()
     config = cfg.config_from_args(args, tokenizer.get_vocab_size())
     if config.vocab_size < tokenizer.get_vocab_size():
@@ -246,8 +245,6 @@ def main(argv=None):
     print0(f"optimizer: {opt_cfg}")
 
     # -- data (a missing path fails here, before the output dir is touched) -----------------------------------------
-    from nanochat_jax.data.loader import pretrain_loader
-    from nanochat_jax.data.shards import ensure_pretokenized
     train_shards, val_shards = ensure_pretokenized(args.data_path, tokenizer)
     if not train_shards or not val_shards:
         raise UserError(f"{args.data_path}: needs both a train and a validation split")
@@ -257,42 +254,22 @@ def main(argv=None):
     bundle = core_bundle(args) if args.core_metric_every > 0 else None
 
     # -- output directory: refuse to clobber, resume when asked -----------------------------------------------------
-    from pathlib import Path
-    from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
     tag = args.model_tag or f"d{config.n_layer}"
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else checkpoint_dir("base", tag)
     resume_step = check_output_dir(out_dir, args.resume, args.overwrite, config)
     if args.resume_from_step is not None:
         resume_step = args.resume_from_step
 
-    # -- model, optimizer, train step -------------------------------------------------------------------------------
-    from nanochat_jax import model
-    from nanochat_jax import optim
-    from nanochat_jax.train import loop as train
+    # -- model, optimizer, train step, resume -----------------------------------------------------------------------
     params = model.init_params(config, jax.random.PRNGKey(args.seed))
-    tx = optim.build_optimizer(params, config, opt_cfg, plan.num_steps, mesh=mesh)
-    state, shardings = train.init_train_state(params, tx, mesh, mode)
+    state, _, step_fn = setup_train(params, config, opt_cfg, plan.num_steps, mesh, mode)
     del params
-    step_fn = train.make_train_step(config, tx, mesh, shardings,
-                                    lr_fn=optim.lr_multiplier(opt_cfg, plan.num_steps))
-
-    # -- resume -----------------------------------------------------------------------------------------------------
-    from nanochat_jax.train.loop import LoopState, MicroBatches, run_loop
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
     batches = MicroBatches(loader, plan.accum, mesh)
-    loop_state, start = LoopState(), 0
-    if resume_step is not None:
-        state, loader_state, meta = ckpt.restore(state, resume_step, fallback=args.resume_from_step is None)
-        if loader_state:
-            batches.set_state(loader_state)
-        loop_state = LoopState.from_dict(meta.get("loop"))
-        start = int(meta.get("step", resume_step))
-        if start > plan.num_steps:
-            raise UserError(f"checkpoint step {start} is past the horizon of {plan.num_steps} steps")
-        print0(f"resumed from {out_dir}/{start} (data position {batches.position}, epoch {batches.epoch})")
+    state, loop_state, start, _ = resume_run(ckpt, state, batches, resume_step, plan.num_steps,
+                                             fallback=args.resume_from_step is None)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
-    from nanochat_jax.train.metrics import MetricsLogger
     logger = MetricsLogger("base", args.run or tag)
     hooks = make_hooks(args, plan, tokenizer, val_shards, mesh, bundle)
 
@@ -309,9 +286,12 @@ def main(argv=None):
     ckpt.close()
     loader.close()
     logger.close()
+    log_report(config, plan, result, out_dir)
+    return result
 
-    # -- report -----------------------------------------------------------------------------------------------------
-    from nanochat_jax.report import writer as report
+
+def log_report(config, plan: Plan, result, out_dir):
+    """The "Base model training" report section and the run's last line."""
     s = result.summary
     section = {"parameters": cfg.num_params(config)["total"], "depth": config.n_layer, "recipe": config.recipe,
                "total batch size": plan.total_batch, "steps": result.step, "of steps": plan.num_steps,
@@ -325,7 +305,6 @@ def main(argv=None):
     print0(f"done: {result.step} steps, {s['train seconds'] / 60:.2f} min training"
            + (f", val bpb {val:.4f}" if val is not None and math.isfinite(val) else "")
            + (" (stopped early; resume with --resume)" if result.stopped else ""))
-    return result
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
 from nanochat_jax.stages import finetune as ft
+from nanochat_jax.tasks import Conversations, TaskMixture, load_custom
 
 STAGE = "sft"
 
@@ -62,7 +63,6 @@ VAL_SPECS = [("SmolTalk", "test", {"stop": 2000}), ("GSM8K", "test", {"stop": 20
 
 def load_custom_data(spec: str):
     """Validated custom conversations from one or more files (UserError with the file and line number)."""
-    from nanochat_jax.tasks import Conversations, load_custom
     convs = []
     for path in [s.strip() for s in spec.split(",") if s.strip()]:
         convs += load_custom(path)
@@ -86,7 +86,6 @@ def main(argv=None):
     start = ft.load_start(args)
 
     # -- data -----------------------------------------------------------------------------------------------------
-    from nanochat_jax.tasks import Conversations, TaskMixture
     notes = []
     if custom is not None:
         train_ds = custom

@@ -12,7 +12,7 @@ Mixture (nanochat): SmolTalk, MMLU auxiliary train, GSM8K train (calculator tool
 conversations twice, SpellingBee and SimpleSpelling. A task whose data cannot be had offline is skipped with a
 one-line note (the CPU miniature keeps identity and spelling, and whatever task data is cached). LR: the base
 recipe's LRs, constant, then a linear decay to 0 over the last 20% of the steps; Muon momentum warms up as in
-pretraining. The loss is the masked conversation loss (train.py's one loss definition). Checkpoints go to
+pretraining. The loss is the masked conversation loss (train/step.py's one loss definition). Checkpoints go to
 <base>/checkpoints/mid/<tag>, curves to <base>/tensorboard/mid/<run>, a "Midtraining" section to the report.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
 from nanochat_jax.stages import finetune as ft
+from nanochat_jax.tasks import TaskMixture
 
 STAGE = "mid"
 
@@ -70,7 +71,6 @@ def main(argv=None):
     start = ft.load_start(args)
 
     # -- data: the mixture, without what is not available ---------------------------------------------------------
-    from nanochat_jax.tasks import TaskMixture
     tasks, notes = ft.build_tasks(train_specs(args))
     if not tasks:
         raise UserError("no midtraining data available")

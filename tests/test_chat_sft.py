@@ -23,7 +23,7 @@ CONVS = [
 def _setup(T=64):
     from nanochat_jax import optim
     from nanochat_jax.core import sharding
-    from nanochat_jax.train import loop as train
+    from nanochat_jax.train import step as train
     tok = tiny_tokenizer()
     cfg = tiny_config(tok, seq_len=T)
     params = tiny_params(cfg)

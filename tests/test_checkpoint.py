@@ -297,7 +297,7 @@ def test_meta_with_numpy_values_is_saved_as_json(tmp_path):
 @pytest.mark.slow
 def test_real_train_state_fsdp8_restores_on_one_device_and_tp_mesh(tmp_path):
     """The real TrainState (Muon + AdamW state after one step), FSDP over 8 devices -> 1 device and data4 x model2."""
-    train = pytest.importorskip("nanochat_jax.train.loop")
+    train = pytest.importorskip("nanochat_jax.train.step")
     shd = pytest.importorskip("nanochat_jax.core.sharding")
     from nanochat_jax import model
     from nanochat_jax import optim

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 
 from nanochat_jax import optim
 from nanochat_jax.core import sharding
-from nanochat_jax.train import loop as train  # noqa: E402
+from nanochat_jax.train import step as train  # noqa: E402
 from nanochat_jax.core.common import UserError  # noqa: E402
 from nanochat_jax.core.config import ModelConfig  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The loop skeleton shared by base/mid/sft/rl (the loop section of nanochat_jax/train.py): cadences, resume, logging.
+"""The loop shared by base/mid/sft/rl (nanochat_jax/train/loop.py): cadences, resume, logging.
 
 The loop is driven here by fakes (a counter "model", an in-memory checkpoint manager, a list-backed loader), so each
 fact is checked in milliseconds; tests/test_base_train.py runs the real thing end to end.

@@ -1,4 +1,4 @@
-"""Facts about the train step in nanochat_jax/train.py: gradient accumulation is exact (the one loss over the
+"""Facts about the train step in nanochat_jax/train/step.py: gradient accumulation is exact (the one loss over the
 whole accumulated batch, fully masked micro-batches included), a tiny model overfits one batch, and float16 runs
 with dynamic loss scaling."""
 
@@ -10,7 +10,7 @@ import pytest
 from nanochat_jax.core import common
 from nanochat_jax import optim
 from nanochat_jax.core import sharding
-from nanochat_jax.train import loop as train
+from nanochat_jax.train import step as train
 from nanochat_jax.core.config import ModelConfig
 
 

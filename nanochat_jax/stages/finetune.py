@@ -14,7 +14,19 @@ import math
 import random
 from pathlib import Path
 
-from nanochat_jax.core.common import UserError, print0
+from nanochat_jax.core import sharding as shd
+from nanochat_jax.core.common import UserError, get_base_dir, print0
+from nanochat_jax.core.config import batch_lr_scale
+from nanochat_jax.data.loader import sft_loader
+from nanochat_jax.evaluation.chat_eval import run_categorical
+from nanochat_jax.optim import OptConfig
+from nanochat_jax.report import writer as report
+from nanochat_jax.tasks import TaskDataUnavailable, get_task
+from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
+from nanochat_jax.train.load import load_model_from_args, resolve_checkpoint
+from nanochat_jax.train.loop import Hook, MicroBatches, process_rows, resume_run, run_loop
+from nanochat_jax.train.metrics import MetricsLogger
+from nanochat_jax.train.step import make_eval_loss, setup_train
 
 # ---------------------------------------------------------------------------------------------------------------
 # Flags shared by the stage scripts
@@ -70,7 +82,6 @@ def add_output_args(p):
 
 def load_start(args):
     """(params fp32, config, tokenizer, meta, label) from --checkpoint PATH or --source/--model-tag/--step."""
-    from nanochat_jax.train.load import load_model_from_args
     params, config, tokenizer, meta = load_model_from_args(args)
     label = str(args.checkpoint) if args.checkpoint else f"{args.source}/{args.model_tag or 'newest'}"
     return params, config, tokenizer, meta, label
@@ -82,8 +93,6 @@ def source_tag(args, meta, config) -> str:
         return args.out_tag
     if args.model_tag:
         return args.model_tag
-    from nanochat_jax.train.load import resolve_checkpoint
-    from nanochat_jax.core.common import get_base_dir
     try:
         path = args.checkpoint or get_base_dir() / "checkpoints" / args.source
         _, run_dir, _ = resolve_checkpoint(path)
@@ -93,7 +102,6 @@ def source_tag(args, meta, config) -> str:
 
 
 def output_dir(args, stage: str, tag: str) -> Path:
-    from nanochat_jax.train.checkpoint import checkpoint_dir
     return Path(args.output_dir).expanduser() if args.output_dir else checkpoint_dir(stage, tag)
 
 
@@ -103,7 +111,6 @@ def output_dir(args, stage: str, tag: str) -> Path:
 def build_tasks(specs, log=print0):
     """specs: [(name, split or None, kwargs)] for `tasks.get_task`. Returns (tasks, notes); a task whose data
     cannot be had (offline, not cached) is left out with a one-line note."""
-    from nanochat_jax.tasks import TaskDataUnavailable, get_task
     tasks, notes = [], []
     for name, split, kw in specs:
         try:
@@ -143,7 +150,6 @@ def stage_opt_config(args, config, stage: str, tokens_per_step: int | None = Non
 
     2026 recipe: the LRs are also scaled by the batch size, √(tokens_per_step / 524,288), exactly as base_train
     scales them; otherwise a small-batch run (the CPU miniature) would finetune at ~10x its pretraining LR."""
-    from nanochat_jax.optim import OptConfig
     over = {k: getattr(args, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr")
             if getattr(args, k) is not None}
     frac_default, warmdown_default = STAGE_LR[stage][config.recipe]
@@ -154,14 +160,12 @@ def stage_opt_config(args, config, stage: str, tokens_per_step: int | None = Non
     if not 0 <= warmdown <= 1:
         raise UserError(f"--warmdown-ratio must be in [0, 1], got {warmdown}")
     if config.recipe == "2026" and tokens_per_step:
-        from nanochat_jax.core.config import batch_lr_scale
         frac *= batch_lr_scale(tokens_per_step)
     return OptConfig.for_recipe(config.recipe, **over, weight_decay=args.weight_decay, warmup_steps=0,
                                 warmdown_ratio=warmdown, final_lr_frac=args.final_lr_frac, lr_scale=frac)
 
 
 def make_mesh_and_mode(args):
-    from nanochat_jax.core import sharding as shd
     mesh = shd.make_mesh(args.mesh)
     mode = args.sharding or ("tp" if mesh.shape["model"] > 1 else "dp")
     return mesh, mode
@@ -179,15 +183,6 @@ def num_steps_for_epochs(tokens: int, tokens_per_step: int, epochs: float) -> in
     return max(1, math.ceil(epochs * tokens / tokens_per_step))
 
 
-def loop_module():
-    """The shared loop (run_loop, MicroBatches, Hook, LoopState): train.py once it holds them, else the draft."""
-    from nanochat_jax.train import loop as train
-    if hasattr(train, "run_loop"):
-        return train
-    from nanochat_jax import train_loop_draft
-    return train_loop_draft
-
-
 def opt_summary(opt_cfg) -> dict:
     d = dataclasses.asdict(opt_cfg)
     return {k: d[k] for k in ("recipe", "matrix_lr", "embedding_lr", "unembedding_lr", "lr_scale", "weight_decay",
@@ -199,9 +194,6 @@ def opt_summary(opt_cfg) -> dict:
 
 def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int, T: int, steps: int):
     """fn(state, step) -> {"val/loss": Σ masked token losses / Σ tokens over `steps` batches of the val set}."""
-    from nanochat_jax.core import sharding as shd
-    from nanochat_jax.data.loader import sft_loader
-    from nanochat_jax.train.loop import make_eval_loss
     eval_fn = make_eval_loss(config, mesh, param_sharding)
 
     def fn(state, step):
@@ -210,7 +202,7 @@ def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int,
         try:
             for _ in range(steps):
                 b = next(loader)
-                placed = shd.put_batch({"x": b["inputs"], "y": b["targets"]}, mesh)
+                placed = shd.put_batch({"x": process_rows(b["inputs"]), "y": process_rows(b["targets"])}, mesh)
                 s, c = eval_fn(state.params, placed["x"], placed["y"])
                 total, count = total + float(s), count + float(c)
         finally:
@@ -224,7 +216,6 @@ def val_loss_hook(config, tokenizer, mesh, param_sharding, val_convs, rows: int,
 
 def accuracy_hook(config, tokenizer, task_names, max_problems: int, batch_size: int = 16, log=print0):
     """fn(state, step) -> {"eval/<task>": accuracy} for the categorical tasks that are available (MMLU, ARC)."""
-    from nanochat_jax.evaluation.chat_eval import run_categorical
     tasks, _ = build_tasks([(n, "test", {}) for n in task_names], log=log)
 
     def fn(state, step):
@@ -246,12 +237,6 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
 
     args needs: max_seq_len, device_batch_size, grad_accum, packing, num_iterations, num_epochs, seed, eval_every,
     eval_steps, eval_metrics_every, eval_metrics_max_problems, the optimizer flags and the output flags."""
-    from nanochat_jax import optim
-    from nanochat_jax.report import writer as report
-    from nanochat_jax.train import loop as train
-    from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir
-    from nanochat_jax.data.loader import sft_loader
-    from nanochat_jax.train.metrics import MetricsLogger
     params, config, tokenizer, meta, label = start
     T = check_seq_len(args, config)
     if mesh is None:
@@ -261,12 +246,7 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     print0(f"{stage} from {label} (step {meta.get('step')}): d{config.n_layer}, {rows} rows x {T} tokens x "
            f"{args.grad_accum} micro-batches = {tokens_per_step:,} tokens/step, {mode} on {mesh.shape['data']} "
            f"data devices")
-    if args.num_iterations > 0:
-        num_steps = args.num_iterations
-    else:
-        ep_tokens = epoch_tokens(train_ds, tokenizer, T + 1)
-        num_steps = num_steps_for_epochs(ep_tokens, tokens_per_step, args.num_epochs)
-        print0(f"{args.num_epochs:g} epoch(s) ~ {ep_tokens * args.num_epochs:,.0f} tokens -> {num_steps} steps")
+    num_steps = conversation_steps(args, train_ds, tokenizer, T, tokens_per_step)
     loader = sft_loader(train_ds, tokenizer, rows, T, packing=args.packing, seed=args.seed,
                         process_index=0, process_count=1)
 
@@ -275,35 +255,14 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     out_dir = output_dir(args, stage, tag)
     resume_step = check_output_dir(out_dir, args.resume, args.overwrite, config)
 
-    # -- optimizer and step ---------------------------------------------------------------------------------------
+    # -- optimizer, step, resume ----------------------------------------------------------------------------------
     opt_cfg = stage_opt_config(args, config, stage, tokens_per_step)
-    tx = optim.build_optimizer(params, config, opt_cfg, num_steps, mesh=mesh)
-    state, shardings = train.init_train_state(params, tx, mesh, mode)
+    state, shardings, step_fn = setup_train(params, config, opt_cfg, num_steps, mesh, mode)
     del params
-    step_fn = train.make_train_step(config, tx, mesh, shardings, lr_fn=optim.lr_multiplier(opt_cfg, num_steps))
-
-    L = loop_module()
-    batches = L.MicroBatches(loader, args.grad_accum, mesh)
+    batches = MicroBatches(loader, args.grad_accum, mesh)
     ckpt = CheckpointManager(out_dir, max_to_keep=args.keep_checkpoints, tokenizer=tokenizer)
-    loop_state, start_step = L.LoopState(), 0
-    if resume_step is not None:
-        state, loader_state, m = ckpt.restore(state, resume_step, fallback=True)
-        if loader_state:
-            batches.set_state(loader_state)
-        loop_state, start_step = L.LoopState.from_dict(m.get("loop")), int(m.get("step", resume_step))
-        if start_step > num_steps:
-            raise UserError(f"checkpoint step {start_step} is past the horizon of {num_steps} steps")
-        print0(f"resumed from {out_dir}/{start_step}")
-
-    hooks = []
-    if args.eval_every > 0 and val_ds is not None and len(val_ds):
-        hooks.append(L.Hook("val loss", args.eval_every, val_loss_hook(
-            config, tokenizer, mesh, shardings.params, val_ds, rows, T, args.eval_steps)))
-    if args.eval_metrics_every > 0 and accuracy_tasks:
-        acc_fn, acc_names = accuracy_hook(config, tokenizer, list(accuracy_tasks), args.eval_metrics_max_problems)
-        if acc_names:
-            hooks.append(L.Hook("accuracy", args.eval_metrics_every, acc_fn))
-
+    state, loop_state, start_step, _ = resume_run(ckpt, state, batches, resume_step, num_steps)
+    hooks = conversation_hooks(args, config, tokenizer, mesh, shardings.params, val_ds, rows, T, accuracy_tasks)
     logger = MetricsLogger(stage, args.run or tag)
 
     def meta_fn(step, loop):
@@ -312,17 +271,49 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
                 "user_config": dict(vars(args))}
 
     try:
-        result = L.run_loop(state, step_fn, batches, num_steps=num_steps, tokens_per_step=tokens_per_step,
-                            start_step=start_step, loop_state=loop_state, hooks=hooks, ckpt=ckpt,
-                            save_every=args.save_every, meta_fn=meta_fn, logger=logger, log_every=args.log_every)
+        result = run_loop(state, step_fn, batches, num_steps=num_steps, tokens_per_step=tokens_per_step,
+                          start_step=start_step, loop_state=loop_state, hooks=hooks, ckpt=ckpt,
+                          save_every=args.save_every, meta_fn=meta_fn, logger=logger, log_every=args.log_every)
     finally:
         ckpt.close()
         loader.close()
         logger.close()
 
+    log_conversation_report(args, stage, section, result, label, len(train_ds), num_steps, tokens_per_step,
+                            opt_cfg, out_dir, notes)
+    return result
+
+
+def conversation_steps(args, train_ds, tokenizer, T: int, tokens_per_step: int) -> int:
+    """--num-iterations, else the steps of --num-epochs passes over the conversations (each cut to T + 1)."""
+    if args.num_iterations > 0:
+        return args.num_iterations
+    ep_tokens = epoch_tokens(train_ds, tokenizer, T + 1)
+    num_steps = num_steps_for_epochs(ep_tokens, tokens_per_step, args.num_epochs)
+    print0(f"{args.num_epochs:g} epoch(s) ~ {ep_tokens * args.num_epochs:,.0f} tokens -> {num_steps} steps")
+    return num_steps
+
+
+def conversation_hooks(args, config, tokenizer, mesh, param_sharding, val_ds, rows: int, T: int, accuracy_tasks):
+    """The val-loss hook (every --eval-every steps, when there is validation data) and the accuracy hook (every
+    --eval-metrics-every steps, over the categorical tasks that are available)."""
+    hooks = []
+    if args.eval_every > 0 and val_ds is not None and len(val_ds):
+        hooks.append(Hook("val loss", args.eval_every, val_loss_hook(
+            config, tokenizer, mesh, param_sharding, val_ds, rows, T, args.eval_steps)))
+    if args.eval_metrics_every > 0 and accuracy_tasks:
+        acc_fn, acc_names = accuracy_hook(config, tokenizer, list(accuracy_tasks), args.eval_metrics_max_problems)
+        if acc_names:
+            hooks.append(Hook("accuracy", args.eval_metrics_every, acc_fn))
+    return hooks
+
+
+def log_conversation_report(args, stage: str, section: str, result, label: str, conversations: int, num_steps: int,
+                            tokens_per_step: int, opt_cfg, out_dir, notes):
+    """The stage's report section and its last line (steps, val loss, whether it stopped early)."""
     s = result.summary
     data = {"source": label, "data": getattr(args, "data_path", None) or "task mixture",
-            "conversations": len(train_ds), "steps": result.step, "of steps": num_steps,
+            "conversations": conversations, "steps": result.step, "of steps": num_steps,
             "tokens per step": tokens_per_step, "training time (min)": s["train seconds"] / 60,
             "final train loss": s.get("final train loss (smoothed)"), "val loss": s.get("val/loss"),
             "checkpoint": str(out_dir)}
@@ -332,4 +323,3 @@ def train_on_conversations(args, stage: str, section: str, start, train_ds, val_
     val = s.get("val/loss")
     print0(f"done: {result.step} {stage} steps" + (f", val loss {val:.4f}" if val is not None and math.isfinite(val)
                                                    else "") + (" (stopped early; --resume)" if result.stopped else ""))
-    return result

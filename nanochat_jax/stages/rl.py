@@ -3,12 +3,16 @@
     rolls = [rollout(engine, tokenizer, task, i, num_samples=16, max_tokens=256, temperature=1.0, top_k=50, seed=s)
              for i in problem_indices]                   # k sampled completions per problem, with their rewards
     batch = rollout_batch(rolls, pad_id, rows_multiple=mesh.shape["data"], accum=A)
-    state, metrics = rl_step(state, batch)                # one policy-gradient update on all of them
+    train_step = make_train_step(config, tx, mesh, shardings, loss_fn=pg_loss(config))   # the shared step
+    state, metrics = train_step(state, batch)             # one policy-gradient update on all of them
+
+In a run, `Problems` is run_loop's batch iterator and `on_policy_step` its step (rollouts, then the train step), so
+RL has the loop's checkpoints, stop handling and logging; `pass_at_k_hook` is its evaluation.
 
 - reward: the task's `reward(conversation, completion)` (GSM8K: 1.0 for an exact `####` match), else `evaluate`;
 - advantage: r - mean(r) over the k samples of one problem (no division by the std, no KL, no ratio clipping);
 - loss: token-level normalised policy gradient, -Σ adv · log p(token) / Σ valid tokens over the whole step (every
-  problem and micro-batch together: the one loss definition of train.py). Only sampled tokens count: the prompt,
+  problem and micro-batch together: the one loss definition of train/step.py). Only sampled tokens count: the prompt,
   the tool outputs the engine forced in (engine mask 0) and the padding have target -1.
 - pass@k: a problem is solved at k when any of its first k samples is right (`pass_at_k`).
 """
@@ -16,12 +20,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+from jax.experimental import multihost_utils
+
+from nanochat_jax import model
+from nanochat_jax.core import sharding as shd
+from nanochat_jax.train.loop import process_rows
 
 ROW_BUCKET = 64   # rollout rows are padded to a multiple of 64 tokens: a handful of compiled shapes, not one per step
 
@@ -97,54 +106,80 @@ def rollout_batch(rolls: list[Rollout], pad_id: int, *, rows_multiple: int = 1, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The loss and the jitted update
+# The loss (the shared train step's loss_fn) and the on-policy step
 
 def pg_loss_and_count(params, inputs, targets, weights, config, forward_fn: Callable | None = None):
     """(Σ over valid tokens of -weight · log p(target), number of valid tokens): the policy-gradient surrogate."""
-    from nanochat_jax import model
     logits = (forward_fn or (lambda p, x: model.forward(p, x, config)))(params, inputs)
     nll, valid = model.token_losses(logits, targets)          # -log p, 0 where target == -1
     return jnp.sum(nll * weights), valid.sum().astype(jnp.float32)
 
 
-def make_rl_step(config, tx: optax.GradientTransformation, mesh, state_sharding, *, lr_fn: Callable | None = None,
-                 donate: bool = True, forward_fn: Callable | None = None):
-    """Jitted `(state, batch) -> (state, metrics)` for batches from `rollout_batch` (placed with
-    sharding.put_batch). The A micro-batches are accumulated inside the jit; the loss is divided by the valid
-    tokens of the whole batch (a micro-batch with none contributes zero, never NaN). metrics: loss, grad_norm, lr,
-    tokens (valid tokens)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from nanochat_jax.core import sharding as shd
-    from nanochat_jax.train.loop import TrainState
+def pg_loss(config, forward_fn: Callable | None = None) -> Callable:
+    """The loss_fn of `train.step.make_train_step` for batches from `rollout_batch`: one micro-batch
+    {"inputs", "targets", "weights"} -> `pg_loss_and_count`. The shared step divides by the valid tokens of the
+    whole batch, accumulates micro-batches and, under float16, scales the loss."""
+    return lambda p, b: pg_loss_and_count(p, b["inputs"], b["targets"], b["weights"], config, forward_fn)
 
-    def step_fn(state, batch):
-        inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
-        count = jnp.sum(targets >= 0).astype(jnp.float32)
-        denom = jnp.maximum(count, 1.0)
 
-        def micro(params, x, y, w):
-            def f(p):
-                s, _ = pg_loss_and_count(p, x, y, w, config, forward_fn)
-                return s / denom, s
-            return jax.grad(f, has_aux=True)(params)
+def policy_params(params):
+    """The policy's params on this process's first device, for the engine (gathered across hosts)."""
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_put(params, jax.local_devices()[0])
 
-        def body(carry, xyw):
-            g_acc, l_acc = carry
-            g, s = micro(state.params, *xyw)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + s), None
-        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), state_sharding.params)
-        (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (inputs, targets, weights))
-        grads = jax.lax.with_sharding_constraint(grads, state_sharding.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": count,
-                   "lr": jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)}
-        return TrainState(state.step + 1, params, opt_state, state.loss_scale), metrics
 
-    rep = NamedSharding(mesh, P())
-    bs = shd.batch_sharding(mesh, 3)
-    return jax.jit(step_fn, in_shardings=(state_sharding, {"inputs": bs, "targets": bs, "weights": bs}),
-                   out_shardings=(state_sharding, rep), donate_argnums=(0,) if donate else ())
+class Problems:
+    """RL's data for run_loop: `next()` -> the indices of the next `per_step` problems of a task of `n` (in order,
+    wrapping round). State {"cursor": problems handed out}: what a checkpoint stores."""
+
+    def __init__(self, n: int, per_step: int):
+        self.n, self.per_step, self.cursor = n, per_step, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        out = [(self.cursor + i) % self.n for i in range(self.per_step)]
+        self.cursor += self.per_step
+        return out
+
+    def get_state(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def set_state(self, state: dict):
+        self.cursor = int(state.get("cursor", 0))
+
+    @property
+    def epoch(self) -> int:   # 1-based, of the newest problem handed out (as the loaders count)
+        return max(self.cursor - 1, 0) // self.n + 1
+
+    @property
+    def position(self) -> int:
+        return self.cursor
+
+
+def on_policy_step(train_step, engine, tokenizer, task, mesh, *, num_samples: int, max_new_tokens: int,
+                   temperature: float = 1.0, top_k: int | None = 50, accum: int = 1, max_len: int | None = None):
+    """`(state, problem indices) -> (state, metrics)` for run_loop: samples each problem's `num_samples` completions
+    with the params in `state` (on policy: every rollout uses the params of the step it trains), scores them, and
+    takes one `train_step` (make_train_step with loss_fn=pg_loss) on them. Every process samples the same rollouts
+    (same params and seeds) and feeds its own share of rows. metrics: the train step's, and reward (mean over the
+    samples), completion_len (mean sampled tokens per completion), tokens (trained tokens)."""
+    pad_id = tokenizer.encode_special("<|assistant_end|>")
+    rows_multiple = math.lcm(mesh.shape["data"], jax.process_count())
+
+    def step(state, indices):
+        engine.params = policy_params(state.params)
+        taken = int(state.step)
+        rolls = [rollout(engine, tokenizer, task, i, num_samples, max_new_tokens, temperature, top_k,
+                         seed=hash((taken, i)) & 0x7FFFFFFF) for i in indices]
+        batch = rollout_batch(rolls, pad_id, rows_multiple=rows_multiple, accum=accum, max_len=max_len)
+        state, metrics = train_step(state, shd.put_batch({k: process_rows(v, 1) for k, v in batch.items()}, mesh))
+        return state, {**metrics, "reward": float(np.mean([r.rewards.mean() for r in rolls])),
+                       "completion_len": float(np.mean([len(s) - r.prompt_len for r in rolls for s in r.sequences])),
+                       "tokens": float((batch["targets"] >= 0).sum())}
+    return step
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,3 +208,15 @@ def evaluate_pass_at_k(engine, tokenizer, task, num_problems: int, num_samples: 
         for conv, samples in zip(convs, completions):
             outcomes.append([int(task.evaluate(conv, tokenizer.decode(s))) for s in samples])
     return pass_at_k(outcomes, num_samples)
+
+
+def pass_at_k_hook(engine, tokenizer, task, num_problems: int, num_samples: int, max_tokens: int,
+                   top_k: int | None = 50) -> Callable:
+    """fn(state, step) -> {"eval/pass@k": ...} for run_loop: pass@1..num_samples on the first `num_problems`
+    problems of `task`, sampled (temperature 1) with the params in `state`."""
+    def fn(state, step):
+        engine.params = policy_params(state.params)
+        r = evaluate_pass_at_k(engine, tokenizer, task, num_problems, num_samples, max_tokens, temperature=1.0,
+                               top_k=top_k, seed=10_000 + step)
+        return {f"eval/pass@{k}": v for k, v in r.items()}
+    return fn
