@@ -1,244 +1,170 @@
-"""Line plots as PNG files with numpy and zlib only (no matplotlib, no pillow): the report's loss and LR curves.
+"""The report's training curves as PNG files, drawn with matplotlib's Agg backend (no display, no pyplot state).
 
-    png = line_plot({"train": (steps, losses), "val": (steps2, vals)}, title="base: loss", xlabel="step")
-    Path("loss.png").write_bytes(png)
+One figure per training stage: a column of panels sharing the step axis, each drawn only where the stage logged it.
 
-    panels = [render_panel(...), render_panel(...)]; write_png(path, np.concatenate(panels))
+    panels = stage_panels("base", metrics)        # metrics: {tag: (steps, values)}, as report.writer.read_metrics
+    if panels:                                    # [] when none of the stage's plotted tags has a finite value
+        write_figure("base_curves.png", panels, title="base training (d20)")
 
-The canvas is an RGB uint8 array; text uses a built-in 5x7 bitmap font (upper case, digits, a few signs).
+The panels: train loss (per step and smoothed), validation loss or bpb, evaluation accuracies (MMLU/ARC, RL's
+pass@k), RL's mean reward, and the learning-rate schedule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
+from matplotlib import ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-# ---------------------------------------------------------------------------------------------------------------
-# A 5x7 bitmap font: each glyph is 7 rows of 5 bits (the high bit is the leftmost pixel). Lower case is drawn as
-# upper case.
-
-_FONT_HEX = {
-    "0": "0E11131519110E", "1": "040C040404040E", "2": "0E11010204081F", "3": "1F02040201110E",
-    "4": "02060A121F0202", "5": "1F101E0101110E", "6": "0608101E11110E", "7": "1F010204080808",
-    "8": "0E11110E11110E", "9": "0E11110F01020C",
-    "A": "0E1111111F1111", "B": "1E11111E11111E", "C": "0E11101010110E", "D": "1C12111111121C",
-    "E": "1F10101E10101F", "F": "1F10101E101010", "G": "0E11101711110F", "H": "1111111F111111",
-    "I": "0E04040404040E", "J": "0702020202120C", "K": "11121418141211", "L": "1010101010101F",
-    "M": "111B1515111111", "N": "11111915131111", "O": "0E11111111110E", "P": "1E11111E101010",
-    "Q": "0E11111115120D", "R": "1E11111E141211", "S": "0F10100E01011E", "T": "1F040404040404",
-    "U": "1111111111110E", "V": "11111111110A04", "W": "1111111515150A", "X": "11110A040A1111",
-    "Y": "1111110A040404", "Z": "1F01020408101F",
-    ".": "00000000000C0C", "-": "0000001F000000", "+": "0004041F040400", "_": "0000000000001F",
-    "/": "00010204081000", "(": "02040808080402", ")": "08040202020408", ":": "000C0C000C0C00",
-    ",": "000000000C0408", "%": "18190204081303", "=": "00001F001F0000", " ": "00000000000000",
-    "x": "0000110A040A11", "@": "0E11171517100E", "#": "0A0A1F0A1F0A0A", "*": "00150E1F0E1500",
-}
-
-GLYPH_W, GLYPH_H = 5, 7
+WIDTH_IN, PANEL_IN, DPI = 9.0, 3.0, 100   # 900 px wide: a markdown viewer's column shows it unscaled
+LOG_RATIO = 3.0   # a log y axis once the curve spans 3x (a loss falling from ~11 to ~3): its tail stays readable
 
 
-def _glyph(ch: str) -> np.ndarray:
-    hexs = _FONT_HEX.get(ch) or _FONT_HEX.get(ch.upper()) or "00000000000000"
-    rows = [int(hexs[i:i + 2], 16) for i in range(0, 14, 2)]
-    return np.array([[(r >> (4 - c)) & 1 for c in range(GLYPH_W)] for r in rows], dtype=bool)
+@dataclasses.dataclass
+class Series:
+    """One curve. style: "line" (every step), "faint" (a noisy per-step trace behind its smoothed line) or
+    "points" (an evaluation every N steps: markers joined by a line)."""
+    label: str
+    steps: np.ndarray
+    values: np.ndarray
+    style: str = "line"
 
 
-_GLYPHS = {ch: _glyph(ch) for ch in _FONT_HEX}
-
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (0, 0, 0), (110, 110, 110), (225, 225, 225)
-
-
-def text_size(s: str, scale: int = 2) -> tuple[int, int]:
-    return len(s) * (GLYPH_W + 1) * scale, GLYPH_H * scale
-
-
-def draw_text(img: np.ndarray, x: int, y: int, s: str, color=BLACK, scale: int = 2):
-    """Draw `s` with its top-left corner at (x, y); pixels outside the canvas are dropped."""
-    H, W = img.shape[:2]
-    for i, ch in enumerate(s):
-        g = _GLYPHS.get(ch) if ch in _GLYPHS else _GLYPHS.get(ch.upper(), _GLYPHS[" "])
-        if scale > 1:
-            g = np.kron(g, np.ones((scale, scale), dtype=bool))
-        gx = x + i * (GLYPH_W + 1) * scale
-        ys, xs = np.nonzero(g)
-        ys, xs = ys + y, xs + gx
-        ok = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-        img[ys[ok], xs[ok]] = color
+@dataclasses.dataclass
+class Panel:
+    """One axes of a figure: its curves, a title and the y axis' label (with the unit)."""
+    title: str
+    ylabel: str
+    series: list[Series]
+    log_ok: bool = True       # may switch to a log y axis (losses); False keeps it linear (accuracies, LR)
+    from_zero: bool = False   # the y axis starts at 0 (accuracies, rewards, LR: quantities that are never negative)
 
 
-def draw_line(img: np.ndarray, xs, ys, color, width: int = 2):
-    """A polyline through pixel coordinates (floats), `width` pixels thick."""
-    H, W = img.shape[:2]
-    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
-    if len(xs) == 1:
-        px, py = xs, ys
-    else:
-        seg = np.maximum(np.abs(np.diff(xs)), np.abs(np.diff(ys))).astype(int) + 1
-        t = np.concatenate([np.linspace(0, 1, n, endpoint=False) for n in seg] + [[1.0]])
-        idx = np.concatenate([np.full(n, i) for i, n in enumerate(seg)] + [[len(xs) - 2]])
-        px = xs[idx] + t * (xs[idx + 1] - xs[idx])
-        py = ys[idx] + t * (ys[idx + 1] - ys[idx])
-    px, py = np.round(px).astype(int), np.round(py).astype(int)
-    for dx in range(-(width // 2), width - width // 2):
-        for dy in range(-(width // 2), width - width // 2):
-            qx, qy = px + dx, py + dy
-            ok = (qx >= 0) & (qx < W) & (qy >= 0) & (qy < H)
-            img[qy[ok], qx[ok]] = color
+def _series(label: str, data, style: str = "line") -> Series | None:
+    """A Series of the finite points of (steps, values); None when there are none."""
+    steps, values = np.asarray(data[0], float), np.asarray(data[1], float)
+    ok = np.isfinite(steps) & np.isfinite(values)
+    return Series(label, steps[ok], values[ok], style) if ok.any() else None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Axes
-
-def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
-    """About `n` round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten; whole numbers only
-    when `integer`, e.g. steps)."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return []
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(1, n)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    if integer:
-        step = max(1, step)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, v = [], first
-    while v <= hi + step * 1e-9:
-        ticks.append(0.0 if abs(v) < step * 1e-9 else v)
-        v += step
-    return ticks
+def _panel(title: str, ylabel: str, series, log_ok: bool = True, from_zero: bool = False) -> Panel | None:
+    series = [s for s in series if s is not None]
+    return Panel(title, ylabel, series, log_ok, from_zero) if series else None
 
 
-def format_tick(v: float) -> str:
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e5 or a < 1e-3:
-        return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-")
-    if a >= 1000:
-        return f"{v / 1000:g}k"
-    return f"{v:.4g}"
+def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """The mean of each `window` consecutive values, at the last of them (len(values) - window + 1 points)."""
+    c = np.cumsum(np.concatenate([[0.0], values]))
+    return (c[window:] - c[:-window]) / window
 
 
-def render_panel(series: dict, title: str = "", xlabel: str = "step", width: int = 720, height: int = 300,
-                 logy: bool = False) -> np.ndarray:
-    """One plot as an RGB array (height, width, 3): each series {name: (xs, ys)} a coloured line, with a legend."""
-    img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 78, 16, 30, 40
-    pw, ph = width - left - right, height - top - bottom
-    clean = {}
-    for name, (x, y) in series.items():
-        x, y = np.asarray(x, float), np.asarray(y, float)
-        ok = np.isfinite(x) & np.isfinite(y) & ((y > 0) if logy else True)
-        if ok.any():
-            clean[name] = (x[ok], np.log10(y[ok]) if logy else y[ok])
-    draw_text(img, left, 8, title, BLACK)
-    if not clean:
-        draw_text(img, left + 10, top + ph // 2, "no data", GREY)
-        return img
-    allx = np.concatenate([x for x, _ in clean.values()])
-    ally = np.concatenate([y for _, y in clean.values()])
-    x0, x1 = float(allx.min()), float(allx.max())
-    y0, y1 = float(ally.min()), float(ally.max())
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    pad = (y1 - y0) * 0.05 or (abs(y0) * 0.05 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
+def _name(tag: str) -> str:
+    """'val/bpb' -> 'bpb'."""
+    return tag.split("/", 1)[1]
 
-    def sx(x):
-        return left + (np.asarray(x) - x0) / (x1 - x0) * (pw - 1)
 
-    def sy(y):
-        return top + (1 - (np.asarray(y) - y0) / (y1 - y0)) * (ph - 1)
+def _unit(tag: str) -> str:
+    """The y-axis label of a validation tag."""
+    return {"val/bpb": "bits per byte", "val/loss": "cross-entropy (nats/token)"}.get(tag, _name(tag))
 
-    # grid and tick labels
-    for t in nice_ticks(y0, y1):
-        py = int(round(float(sy(t))))
-        img[py, left:left + pw] = LIGHT
-        label = format_tick(10 ** t if logy else t)
-        tw, th = text_size(label)
-        draw_text(img, left - tw - 6, py - th // 2, label, GREY)
-    for t in nice_ticks(x0, x1, 6, integer=True):
-        px = int(round(float(sx(t))))
-        img[top:top + ph, px] = LIGHT
-        label = format_tick(t)
-        tw, _ = text_size(label)
-        draw_text(img, min(px - tw // 2, width - tw - 2), top + ph + 6, label, GREY)
-    img[top:top + ph, left] = BLACK
-    img[top + ph - 1, left:left + pw] = BLACK
-    tw, _ = text_size(xlabel)
-    draw_text(img, left + pw - tw, height - 16, xlabel, GREY)
 
-    # curves (at most ~2 points per pixel column), then the legend
-    for i, (name, (x, y)) in enumerate(clean.items()):
-        order = np.argsort(x, kind="stable")
-        x, y = x[order], y[order]
-        stride = max(1, len(x) // (2 * pw))
-        if stride > 1:
-            x, y = np.append(x[::stride], x[-1]), np.append(y[::stride], y[-1])
-        draw_line(img, sx(x), sy(y), PALETTE[i % len(PALETTE)], width=2)
-    lx = left + pw - 8
-    widest = max(text_size(name)[0] for name in clean)
-    th = text_size("x")[1]
-    box_top, box_bottom = top + 4, top + 12 + len(clean) * (th + 6)
-    img[box_top:box_bottom, lx - widest - 28:left + pw - 1] = WHITE   # the legend stays readable over the curves
-    for i, name in enumerate(clean):
-        tw, th = text_size(name)
-        ly = top + 8 + i * (th + 6)
-        draw_text(img, lx - tw, ly, name, PALETTE[i % len(PALETTE)])
-        img[ly + th // 2 - 1: ly + th // 2 + 1, lx - tw - 22: lx - tw - 6] = PALETTE[i % len(PALETTE)]
-    return img
+def stage_panels(stage: str, metrics: dict) -> list[Panel]:
+    """The panels of one stage's figure from its {tag: (steps, values)}, in reading order; those without a finite
+    value are left out."""
+    rl = stage == "rl"
+    loss_unit = "policy-gradient loss" if rl else "cross-entropy (nats/token)"
+    raw = "train/raw_loss" in metrics   # the train loop logs the per-step loss beside its EMA; RL one loss only
+    loss = [_series("per step", metrics["train/raw_loss"], "faint") if raw else None,
+            _series("smoothed (EMA)" if raw else "loss", metrics.get("train/loss", ([], [])))]
+    val_tags = sorted(t for t in metrics if t.startswith("val/"))
+    eval_tags = sorted((t for t in metrics if t.startswith("eval/")), key=_natural_key)
+    panels = [
+        _panel("train loss", loss_unit, loss, log_ok=not rl),
+        _panel("validation " + ", ".join(_name(t) for t in val_tags),
+               _unit(val_tags[0]) if len(val_tags) == 1 else "value",
+               [_series(_name(t), metrics[t], "points") for t in val_tags]),
+        _panel("pass@k on held-out problems" if rl else "evaluation accuracy", "fraction correct",
+               [_series(_name(t), metrics[t], "points") for t in eval_tags], log_ok=False, from_zero=True),
+    ]
+    reward = _series("per step", metrics["train/reward"]) if "train/reward" in metrics else None
+    if reward is not None:
+        window = len(reward.steps) // 20   # the running mean of a noisy reward: a twentieth of the run
+        series = [reward]
+        if window >= 2:
+            reward.style = "faint"
+            series.append(Series(f"mean of the last {window} steps", reward.steps[window - 1:],
+                                 _running_mean(reward.values, window)))
+        panels.append(_panel("mean reward", "reward per sample", series, log_ok=False, from_zero=True))
+    if "train/lrm" in metrics or "train/lr" in metrics:
+        lrm = "train/lrm" in metrics
+        panels.append(_panel("learning-rate schedule", "multiple of the peak LR" if lrm else "learning rate",
+                             [_series("lrm" if lrm else "lr", metrics["train/lrm" if lrm else "train/lr"])],
+                             log_ok=False, from_zero=True))
+    return [p for p in panels if p is not None]
+
+
+def _natural_key(tag: str):
+    """'eval/pass@10' after 'eval/pass@2'."""
+    head = tag.rstrip("0123456789")
+    return head, int(tag[len(head):]) if len(head) < len(tag) else -1
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PNG
+# Drawing
 
-def png_bytes(img: np.ndarray) -> bytes:
-    """An RGB uint8 array (H, W, 3) as PNG file bytes (8-bit truecolour, no filtering, zlib level 9)."""
-    img = np.ascontiguousarray(img, dtype=np.uint8)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) array, got {img.shape}")
-    h, w, _ = img.shape
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+STYLES = {"line": dict(lw=1.8), "faint": dict(color="0.6", lw=0.8, alpha=0.7),   # faint: light grey
+          "points": dict(lw=1.5, marker="o", ms=4)}
 
 
-def read_png(data: bytes) -> np.ndarray:
-    """Decode a PNG written by `png_bytes` (8-bit RGB, filter 0) back to an array: for tests."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, w, h = 8, b"", 0, 0
-    while pos < len(data):
-        n = struct.unpack(">I", data[pos:pos + 4])[0]
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        crc = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0]
-        if zlib.crc32(kind + body) & 0xFFFFFFFF != crc:
-            raise ValueError(f"bad CRC in {kind!r}")
-        if kind == b"IHDR":
-            w, h = struct.unpack(">II", body[:8])
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + n
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * 3)
-    return raw[:, 1:].reshape(h, w, 3)
+def _log_axis(ax, lo: float, hi: float):
+    """A log y axis with plain-number ticks (3, 5, 7, 10 rather than 10^0.5): 1-2-5 steps past a decade."""
+    ax.set_yscale("log")
+    subs = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0) if math.log10(hi / lo) < 1.2 else (1.0, 2.0, 5.0)
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def write_png(path, img: np.ndarray) -> Path:
+def _draw_panel(ax, panel: Panel):
+    colors = iter(f"C{i}" for i in range(len(panel.series)))   # matplotlib's palette, C0 first
+    for s in panel.series:
+        style = STYLES[s.style] if s.style == "faint" else {"color": next(colors), **STYLES[s.style]}
+        ax.plot(s.steps, s.values, label=s.label, **style)
+    values = np.concatenate([s.values for s in panel.series])
+    lo, hi = float(values.min()), float(values.max())
+    title = panel.title
+    if panel.log_ok and lo > 0 and hi / lo >= LOG_RATIO:
+        _log_axis(ax, lo, hi)
+        title += " (log scale)"
+    if panel.from_zero:
+        top = hi * 1.08 if hi > 0 else 1.0
+        ax.set_ylim(-0.02 * top, top)   # a curve at 0 stays visible above the frame
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, alpha=0.3)
+    if len(panel.series) > 1:   # one curve: the title names it
+        ax.legend(loc="best", fontsize=9, framealpha=0.9)
+
+
+def write_figure(path, panels: list[Panel], title: str, xlabel: str = "step") -> Path:
+    """Draw `panels` one under the other (the step axis shared) under `title`; a PNG of WIDTH_IN x PANEL_IN per
+    panel at DPI. Returns the path."""
+    if not panels:
+        raise ValueError(f"{path}: no panels to draw")
+    fig = Figure(figsize=(WIDTH_IN, PANEL_IN * len(panels)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)   # the Agg (raster) backend draws it: no display, no global pyplot state
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, panel in zip(axes, panels):
+        _draw_panel(ax, panel)
+    axes[-1].set_xlabel(xlabel)
+    axes[-1].xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    fig.suptitle(title, fontsize=13, fontweight="bold")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(img))
+    fig.savefig(path, dpi=DPI, facecolor="white")
     return path
-
-
-def line_plot(series: dict, title: str = "", xlabel: str = "step", **kw) -> bytes:
-    """PNG bytes of one panel."""
-    return png_bytes(render_panel(series, title, xlabel, **kw))

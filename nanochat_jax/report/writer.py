@@ -17,10 +17,7 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
-
 from nanochat_jax.core.common import get_base_dir, process_index
-from nanochat_jax.report import plot
 from nanochat_jax.report.system import code_size, git_info, gpu_info, hardware_info, hourly_cost, software_versions
 
 
@@ -293,39 +290,24 @@ def latest_metrics(stage: str) -> Path | None:
     return files[-1] if files else None
 
 
-def _pick(metrics: dict, *names):
-    for n in names:
-        if n in metrics and metrics[n][0]:
-            return n
-    return None
-
-
-def make_plots(out_dir, stages=TRAIN_STAGES) -> list[tuple[str, Path]]:
-    """One PNG per training stage with metrics: train loss (raw and smoothed), validation, RL reward, LR schedule.
-    Returns [(stage, path)]."""
-    out = []
+def make_plots(out_dir, stages=TRAIN_STAGES) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """One PNG per training stage with metrics: train loss (per step and smoothed), validation, evaluation
+    accuracies, RL reward, LR schedule. Returns ([(stage, path)], [(stage, why it has no plot)])."""
+    # matplotlib takes ~0.5 s to import: paid here, when plots are drawn, not by every stage that logs a section
+    from nanochat_jax.report import plot
+    made, skipped = [], []
     for stage in stages:
         src = latest_metrics(stage)
         if src is None:
+            skipped.append((stage, f"no metrics.jsonl under tensorboard/{stage}/"))
             continue
-        m = read_metrics(src)
-        panels = []
-        loss = {lab: m[t] for lab, t in (("raw", "train/raw_loss"), ("smoothed", "train/loss")) if t in m}
-        if loss:
-            panels.append(plot.render_panel(loss, f"{stage}: train loss", "step"))
-        val_tags = [t for t in m if t.startswith(("val/", "eval/"))]
-        if val_tags:
-            panels.append(plot.render_panel({t: m[t] for t in val_tags}, f"{stage}: validation", "step"))
-        if "train/reward" in m:   # RL
-            panels.append(plot.render_panel({"reward": m["train/reward"]}, f"{stage}: mean reward", "step"))
-        lr = _pick(m, "train/lrm", "train/lr")
-        if lr:
-            panels.append(plot.render_panel({lr.split("/")[-1]: m[lr]}, f"{stage}: learning rate schedule",
-                                            "step"))
+        panels = plot.stage_panels(stage, read_metrics(src))
         if not panels:
+            skipped.append((stage, f"no finite train/val/eval values in {src.parent.name}/metrics.jsonl"))
             continue
-        out.append((stage, plot.write_png(Path(out_dir) / f"{stage}_curves.png", np.concatenate(panels))))
-    return out
+        path = Path(out_dir) / f"{stage}_curves.png"
+        made.append((stage, plot.write_figure(path, panels, f"{stage} training ({src.parent.name})")))
+    return made, skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,12 +342,14 @@ def generate_report(out_path=None, plots: bool = True) -> Path:
              "est. cost ($)": f"{r['seconds'] / 3600 * rate:.2f}"} for r in timings]},
             timestamp=time.strftime("%Y-%m-%d %H:%M:%S")))
     if plots:
-        made = make_plots(out_path.parent)
+        made, skipped = make_plots(out_path.parent)
         lines = ["## Plots", ""]
         for stage, p in made:
             lines += [f"![{stage} curves]({p.name})", ""]
         if not made:
             lines.append("(no training metrics found under the base dir's tensorboard/)")
+        if made and skipped:
+            lines.append("Not plotted: " + "; ".join(f"{stage} ({why})" for stage, why in skipped) + ".")
         parts.append("\n".join(lines) + "\n")
     parts += [text for _, text in sections]
     tmp = out_path.with_suffix(".md.tmp")
