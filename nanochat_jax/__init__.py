@@ -8,5 +8,5 @@ __version__ = "0.1.0"
 def load_model(source: str, model_tag: str | None = None, step: int | None = None, **kwargs):
     """(params, config, tokenizer, meta) of stage `source` (base|mid|sft|rl) under the base dir; see
     `nanochat_jax.train.load.load_model`. Imported on call: `import nanochat_jax` stays free of JAX."""
-    from nanochat_jax.train.load import load_model as load
+    from nanochat_jax.train.load import load_model as load  # on call: `import nanochat_jax` stays free of JAX
     return load(source, model_tag, step, **kwargs)

@@ -47,7 +47,7 @@ def get_base_dir() -> Path:
 def process_index() -> int:
     """This process's rank among all hosts (0 when single-host), without forcing a JAX import."""
     if "jax" in sys.modules:
-        import jax
+        import jax  # already imported: this only binds the name
         try:
             return jax.process_index()
         except Exception:  # backend not initialised yet
@@ -67,7 +67,7 @@ def print0(*args, **kwargs):
 
 def backend() -> str:
     """'gpu', 'tpu' or 'cpu': the platform of JAX's default devices."""
-    import jax
+    import jax  # on call: importing common must not import JAX (fast CLI start-up; jax.distributed set-up comes first)
     return jax.default_backend()
 
 
@@ -81,7 +81,7 @@ def compute_dtype():
 
     Master weights stay fp32 whatever this says; the model casts them to this dtype for its matmuls.
     """
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # on call: importing common must not import JAX (fast CLI start-up; jax.distributed set-up comes first)
     name = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
     if name:
         if name not in _DTYPES:
@@ -92,7 +92,7 @@ def compute_dtype():
 
 def enable_compilation_cache(path: str | os.PathLike | None = None):
     """Turn on JAX's persistent compilation cache (default: `<base dir>/jax_cache`), so reruns skip compiles."""
-    import jax
+    import jax  # on call: importing common must not import JAX (fast CLI start-up; jax.distributed set-up comes first)
     path = Path(path or os.environ.get("NANOCHAT_JAX_CACHE") or get_base_dir() / "jax_cache")
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))

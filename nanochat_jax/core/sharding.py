@@ -18,7 +18,7 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from nanochat_jax.core.common import UserError, print0
 
@@ -133,11 +133,7 @@ def make_mesh(spec: str | None = None, devices=None) -> jax.sharding.Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh(spec, len(devices))
     shape = (sizes["data"], sizes["model"])
-    try:
-        from jax.sharding import AxisType
-        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
-    except (ImportError, TypeError):   # older JAX: Mesh is Auto by default
-        return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def describe(mesh, mode: str) -> str:

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 
 from nanochat_jax.core.common import UserError, get_base_dir
 
@@ -67,7 +68,6 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN,
                  special_tokens: list[str] = SPECIAL_TOKENS):
-        import tiktoken
         n = len(mergeable_ranks)
         if sorted(mergeable_ranks.values()) != list(range(n)):
             raise UserError(f"mergeable ranks are not the dense ids 0..{n - 1}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 
+import jax
 import numpy as np
 
 from nanochat_jax.core.common import UserError
 from nanochat_jax.core.config import ModelConfig
+from nanochat_jax.model import init_params
 
 _BLOCK = re.compile(r"transformer\.h\.(\d+)\.(attn|mlp)\.(\w+)\.weight")
 _VALUE_EMBED = re.compile(r"value_embeds\.(\d+)\.weight")
@@ -93,9 +95,6 @@ def to_nanochat(params, config: ModelConfig) -> dict:
 
 def _check_shapes(params, config: ModelConfig):
     """Every leaf present with the shape init_params would give, else one UserError line."""
-    import jax
-    from nanochat_jax.model import init_params
-
     want = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     want_flat = {jax.tree_util.keystr(p): s.shape for p, s in jax.tree_util.tree_leaves_with_path(want)}
     try:

@@ -6,6 +6,7 @@ baseline that ChatCORE centers against (0.25 for four-way multiple choice, 0 for
 
 from __future__ import annotations
 
+from nanochat_jax.core.common import UserError
 from nanochat_jax.tasks.chat import Conversations, CustomJSON, Identity, SmolTalk, identity_conversations, \
     load_custom, validate_messages
 from nanochat_jax.tasks.common import Task, TaskDataUnavailable, TaskMixture, extract_answer, render_mc
@@ -24,7 +25,6 @@ ALIASES = {"arc": ["ARC-Easy", "ARC-Challenge"], "arc-easy": ["ARC-Easy"], "arc-
 
 def resolve_task_names(spec: str | None) -> list[str]:
     """'arc,gsm8k' -> ['ARC-Easy', 'ARC-Challenge', 'GSM8K']; None or 'all' -> every eval task."""
-    from nanochat_jax.core.common import UserError
     if not spec or spec == "all":
         return list(EVAL_TASKS)
     names = []

@@ -9,6 +9,7 @@ tokens) or "generative" (the engine samples a completion).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import re
 from pathlib import Path
 
 from nanochat_jax.core.common import UserError, get_base_dir
+from nanochat_jax.data.download import download_file
 
 HF_URL_ENV = "NANOCHAT_HF_URL"  # a mirror, or a local server in the tests
 DEFAULT_HF_URL = "https://huggingface.co"
@@ -121,7 +123,6 @@ def hf_file(repo: str, path: str) -> Path:
         raise TaskDataUnavailable(f"{repo}/{path}: not cached, and NANOCHAT_OFFLINE=1")
     base = os.environ.get(HF_URL_ENV, DEFAULT_HF_URL).rstrip("/")
     url = f"{base}/datasets/{repo}/resolve/main/{path}"
-    from nanochat_jax.data.download import download_file
     try:
         download_file(url, dest)
     except UserError as e:
@@ -132,7 +133,7 @@ def hf_file(repo: str, path: str) -> Path:
 
 
 def read_parquet_rows(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # imported here: pyarrow is slow to import and only parquet tasks need it
     return pq.read_table(path).to_pylist()
 
 
@@ -143,7 +144,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def packaged_file(package: str, *parts: str) -> Path | None:
     """A data file shipped inside an installed PyPI package, found without importing the package."""
-    import importlib.util
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None

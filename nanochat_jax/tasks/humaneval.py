@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 
+from nanochat_jax.infer.execution import execute_code
 from nanochat_jax.tasks.common import Task, TaskDataUnavailable, hf_file, packaged_file, read_parquet_rows
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
@@ -52,6 +53,5 @@ class HumanEval(Task):
         return f"{imports}\n\n{code}\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
 
     def evaluate(self, conversation, completion):
-        from nanochat_jax.infer.execution import execute_code
         result = execute_code(self.program(conversation, completion), timeout=self.timeout)
         return int(bool(result.success))

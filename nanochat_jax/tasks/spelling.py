@@ -25,7 +25,7 @@ _TEMPLATES = ["How many {l} are in the word {w}?", "How many times does the lett
 
 def word_list(max_words: int = 20000) -> list[str]:
     try:
-        from english_words import get_english_words_set
+        from english_words import get_english_words_set  # optional data package (see README); fallback below
         words = sorted(w for w in get_english_words_set(["web2"], lower=True, alpha=True) if 3 <= len(w) <= 12)
         rng = random.Random(0)
         rng.shuffle(words)
