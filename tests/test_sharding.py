@@ -1,5 +1,5 @@
-"""Facts about nanochat_jax/core/sharding.py (on 8 fake CPU devices, see conftest): meshes, the rules table, and one train
-step in dp / fsdp / data4 x model2 giving the single-device result."""
+"""Facts about nanochat_jax/core/sharding.py (on 8 fake CPU devices, see conftest): meshes, the rules table, and
+one train step in dp / fsdp / data4 x model2 giving the single-device result."""
 
 import os
 
