@@ -73,10 +73,10 @@ elif python3 -c 'import jax, flax, optax, orbax.checkpoint, tiktoken, numpy, sys
   command -v python >/dev/null 2>&1 || python() { python3 "$@"; }
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 elif [ "$NGPU" -gt 0 ]; then
-  source scripts/setup_env.sh cuda12
+  source scripts/setup_env.sh cuda12,serve   # serve: the web chat the run ends with
   PY=python
 else
-  source scripts/setup_env.sh
+  source scripts/setup_env.sh serve
   PY=python
 fi
 

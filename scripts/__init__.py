@@ -1,1 +1,2 @@
-"""Command-line entry points, one per stage, each runnable as `python -m scripts.<stage>` (see its docstring)."""
+"""`python -m scripts.<stage>` from a checkout: each module here runs the stage in nanochat_jax/cli/ (installed, the
+same stages are `nanochat-jax <stage>`)."""

@@ -17,7 +17,7 @@ import pytest
 
 from nanochat_jax.core import config as cfg
 from nanochat_jax.core.common import UserError, parse_args
-from scripts import base_train
+from nanochat_jax.cli import base_train
 
 REPO = Path(__file__).resolve().parent.parent
 # d2, T=64, one device: 2 rows x 64 tokens per micro-batch, 2 accumulation steps per 256-token step

@@ -75,7 +75,7 @@ def test_bpb_with_the_real_model_equals_numpy_from_its_logits():
 def test_base_loss_end_to_end(base_dir, tmp_path):
     """scripts.base_loss on a tiny saved model and a small text corpus: finite bpb for both splits, samples."""
     from nanochat_jax.report import writer as report
-    from scripts import base_loss
+    from nanochat_jax.cli import base_loss
     from test_core_eval import save_tiny_base_model
     save_tiny_base_model(seq_len=32)
     corpus = tmp_path / "corpus.txt"

@@ -34,7 +34,7 @@ def _jsonl_tags(path):
 @pytest.mark.slow
 def test_base_mid_sft_rl_eval_chain(base_dir, hub, tmp_path):
     from nanochat_jax.report import writer as report
-    from scripts import chat_eval, chat_rl, chat_sft, mid_train
+    from nanochat_jax.cli import chat_eval, chat_rl, chat_sft, mid_train
     from scripts import eval as eval_alias
     tok = tiny_tokenizer()
     cfg = tiny_config(tok, depth=2, seq_len=128, recipe="2025")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import scripts.chat_cli as chat_cli
+import nanochat_jax.cli.chat_cli as chat_cli
 from webfakes import FakeEngine, FakeTokenizer, last_user_text
 
 GEN = dict(max_context=256, max_tokens=64, temperature=0.0, top_k=0)
@@ -111,7 +111,7 @@ def test_a_reply_runs_to_max_tokens_even_when_the_prompt_fills_the_context(monke
 @pytest.mark.parametrize("module", ["scripts.chat_cli", "scripts.chat"])
 def test_bad_checkpoint_is_one_line_error(module, tmp_path, base_dir):
     r = subprocess.run([sys.executable, "-m", module, "--checkpoint", str(tmp_path / "missing"), "-p", "hi"],
-                       capture_output=True, text=True, timeout=120, cwd=chat_cli.__file__.rsplit("/scripts/", 1)[0])
+                       capture_output=True, text=True, timeout=120, cwd=chat_cli.__file__.rsplit("/nanochat_jax/", 1)[0])
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and "Traceback" not in r.stderr
 

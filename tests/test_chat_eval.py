@@ -54,3 +54,23 @@ def test_chatcore_centered_and_only_when_all_ran():
     base = {"ARC-Easy": 0.25, "GSM8K": 0.0}
     assert chat_eval.chatcore({"ARC-Easy": 0.5, "GSM8K": 0.1}, base) == pytest.approx((1 / 3 + 0.1) / 2)
     assert chat_eval.chatcore({"ARC-Easy": 0.5, "GSM8K": None}, base) is None
+
+
+def test_a_long_task_prints_its_progress(monkeypatch):
+    """evaluate_tasks logs `name: done/total problems` while a task runs (every progress_every seconds), so a
+    GSM8K or HumanEval run that takes minutes is not silent."""
+    from types import SimpleNamespace
+
+    class QuickEngine:
+        def fit_conversation(self, conversation, max_tokens):
+            return [1]
+
+        def generate_batch(self, prompts, num_samples=1, **kwargs):
+            return [[[]] * num_samples for _ in prompts]
+
+    monkeypatch.setattr(chat_eval, "get_task", lambda name, split: GSM8K(rows=gsm8k_rows(5)))
+    lines = []
+    results, notes = chat_eval.evaluate_tasks(["GSM8K"], None, None, SimpleNamespace(decode=lambda ids: ""),
+                                              QuickEngine, batch_size=2, log=lines.append, progress_every=0)
+    assert [line.split(" (")[0] for line in lines[:-1]] == ["GSM8K: 2/5 problems", "GSM8K: 4/5 problems"]
+    assert lines[-1].startswith("GSM8K: 0.0000 (0/5)") and results == {"GSM8K": 0.0}

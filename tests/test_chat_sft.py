@@ -105,7 +105,7 @@ def test_fully_masked_micro_batch_gives_no_nan():
      "line 2: message 2 has empty"),
 ])
 def test_bad_custom_data_is_refused_with_line_number_before_training(base_dir, tmp_path, capsys, line, err):
-    from scripts import chat_sft
+    from nanochat_jax.cli import chat_sft
     good = json.dumps(CONVS[0])
     path = tmp_path / "data.jsonl"
     path.write_text(good + "\n" + line + "\n" + good + "\n")
@@ -116,7 +116,7 @@ def test_bad_custom_data_is_refused_with_line_number_before_training(base_dir, t
 
 
 def test_custom_json_prompt_response_missing_field(base_dir, tmp_path):
-    from scripts import chat_sft
+    from nanochat_jax.cli import chat_sft
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c"}]))
     with pytest.raises(UserError, match="item 2: missing field 'response'"):

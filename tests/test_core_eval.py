@@ -275,7 +275,7 @@ def save_tiny_base_model(tag="d2", seq_len=64):
 def test_base_eval_end_to_end(base_dir, bundle_server, monkeypatch):
     from nanochat_jax import model
     from nanochat_jax.report import writer as report
-    from scripts import base_eval
+    from nanochat_jax.cli import base_eval
     url, _ = bundle_server
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", url)
     params, config, tok = save_tiny_base_model()

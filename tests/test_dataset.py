@@ -108,7 +108,7 @@ def test_parquet_without_text_column_is_a_one_line_error(tmp_path, base_dir, tok
 
 
 def test_pretokenize_script(tmp_path, base_dir, tok, capsys):
-    from scripts.pretokenize import main
+    from nanochat_jax.cli.pretokenize import main
     with pytest.raises(SystemExit) as e:      # no tokenizer yet: says to run tok_train, no traceback
         run_main(main, ["--data-path", str(tmp_path / "c.txt")])
     assert e.value.code == 2 and "tok_train" in capsys.readouterr().err

@@ -192,7 +192,7 @@ def test_sha256_and_size_checks(server, tmp_path):
 
 
 def test_download_data_script(server, base_dir, capsys):
-    from scripts.download_data import main
+    from nanochat_jax.cli.download_data import main
     main(["-n", "2", "-w", "2", "--dataset", "climbmix-400b", "--base-url", server.url])
     names = sorted(p.name for p in (base_dir / "base_data" / "climbmix-400b").iterdir())
     assert names == ["shard_00000.parquet", "shard_06542.parquet"]

@@ -149,7 +149,7 @@ def test_tokenizer_pickle_becomes_our_tokenizer(tmp_path):
 @pytest.mark.parametrize("name", ["orig_d2", "head_d4"])
 def test_import_gives_nanochat_logits(tmp_path, base_dir, name):
     from nanochat_jax import model
-    from scripts import import_nanochat
+    from nanochat_jax.cli import import_nanochat
     arrays, meta = load_ref(name)
     sd = ref_state_dict(arrays)
     src = tmp_path / "nanochat" / "chatsft_checkpoints" / "d2"

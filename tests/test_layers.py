@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanochat_jax"
 
 # bottom to top; the package's own __init__ and the entry-point shims (convert.py) sit above everything
 LAYERS = ["core", "model", "optim", "data", "train", "interop", "infer", "serve", "tasks", "evaluation", "report",
-          "stages"]
+          "stages", "cli"]
 TOP = len(LAYERS)
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80

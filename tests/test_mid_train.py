@@ -15,7 +15,7 @@ def empty_hub(tmp_path, monkeypatch, base_dir):
 
 
 def test_offline_mixture_keeps_identity_and_spelling_and_notes_the_rest(empty_hub):
-    from scripts import mid_train
+    from nanochat_jax.cli import mid_train
     args = mid_train.build_parser().parse_args(["--spelling-size", "50"])
     notes_seen = []
     tasks, notes = ft.build_tasks(mid_train.train_specs(args), log=notes_seen.append)
@@ -29,7 +29,7 @@ def test_offline_mixture_keeps_identity_and_spelling_and_notes_the_rest(empty_hu
 
 def test_mid_lr_constant_then_linear_decay_and_momentum_warmup():
     from nanochat_jax import optim
-    from scripts import mid_train
+    from nanochat_jax.cli import mid_train
     args = mid_train.build_parser().parse_args([])
     cfg = tiny_config(tiny_tokenizer(), recipe="2025")
     opt_cfg = ft.stage_opt_config(args, cfg, "mid")
@@ -42,7 +42,7 @@ def test_mid_lr_constant_then_linear_decay_and_momentum_warmup():
 
 
 def test_sft_and_rl_lr_fractions():
-    from scripts import chat_rl, chat_sft
+    from nanochat_jax.cli import chat_rl, chat_sft
     cfg = tiny_config(tiny_tokenizer(), recipe="2025")
     sft = ft.stage_opt_config(chat_sft.build_parser().parse_args([]), cfg, "sft")
     rl = ft.stage_opt_config(chat_rl.build_parser().parse_args([]), cfg, "rl")

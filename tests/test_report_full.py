@@ -169,7 +169,7 @@ def test_stage_with_only_nan_metrics_is_skipped_with_a_note(base_dir):
 
 
 def test_script_reset_and_generate(base_dir, capsys):
-    from scripts import report as script
+    from nanochat_jax.cli import report as script
     (base_dir / "report").mkdir(exist_ok=True)
     (base_dir / "report" / "old-section.md").write_text("## Old section\n")
     script.main(["reset", "--hourly-cost", "3"])

@@ -180,7 +180,7 @@ def test_bad_arguments(base_dir):
 def test_preset_tables_are_valid_flags(preset):
     """Every table of every preset is accepted by its script's parser (a typo would stop a run hours in)."""
     for section in SECTIONS:
-        mod = importlib.import_module(f"scripts.{section}")
+        mod = importlib.import_module(f"nanochat_jax.cli.{section}")
         parser = mod.build_parser() if hasattr(mod, "build_parser") else None
         if parser is None:
             continue

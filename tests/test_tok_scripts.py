@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from nanochat_jax.data.tokenizer import Tokenizer
-from scripts import tok_eval, tok_train
+from nanochat_jax.cli import tok_eval, tok_train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,6 +90,24 @@ def test_tok_eval_reports_each_text_kind_and_skips_missing_references(corpora, b
     for r in rows:
         assert 1.0 <= r["ours (350) bytes/token"] <= 8.0
         assert r["text"] in out
+
+
+def test_reference_encodings_come_from_tiktokens_own_cache_only(tmp_path, monkeypatch):
+    """GPT-2/GPT-4 load through tiktoken when its cache ($TIKTOKEN_CACHE_DIR) holds their files; otherwise the reason
+    says where it looked and how to fill it. No proxy variables are touched."""
+    import hashlib
+    loaded = []
+    monkeypatch.setattr(tok_eval.tiktoken, "get_encoding", lambda name: loaded.append(name) or f"enc:{name}")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    enc, why = tok_eval.reference_encoding("cl100k_base")
+    assert enc is None and str(tmp_path) in why and "TIKTOKEN_CACHE_DIR" in why and not loaded
+    for url in tok_eval.REFERENCE_FILES["cl100k_base"]:
+        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"cached")
+    assert tok_eval.reference_encoding("cl100k_base") == ("enc:cl100k_base", None)
+    assert tok_eval.reference_encoding("gpt2")[0] is None   # gpt2's two files are not there
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert "cache is off" in tok_eval.reference_encoding("cl100k_base")[1]
+    assert "HTTPS_PROXY" not in Path(tok_eval.__file__).read_text(encoding="utf-8")
 
 
 def test_readme_first_command_on_the_embedded_corpus(base_dir, capsys):

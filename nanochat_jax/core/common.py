@@ -103,17 +103,64 @@ def enable_compilation_cache(path: str | os.PathLike | None = None):
 # ---------------------------------------------------------------------------------------------------------------
 # Flags: one helper so that `--max-seq-len` and `--max_seq_len` are the same flag everywhere.
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: each flag once, as it was declared (the other spelling is accepted, not listed), with its default
+    where the help text does not already say it; the description and the examples keep their line breaks."""
+
+    def _format_action_invocation(self, action):
+        declared = getattr(action, "declared_option_strings", None)
+        if not declared:
+            return super()._format_action_invocation(action)
+        every = action.option_strings
+        action.option_strings = declared
+        try:
+            return super()._format_action_invocation(action)
+        finally:
+            action.option_strings = every
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or "%(default)" in text or default is None
+                or default is False or default == "" or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def examples(doc: str | None) -> str | None:
+    """The command lines of a script's docstring (its indented `python -m ...` lines and their continuations), as
+    the epilog of its --help; None when it has none."""
+    lines, continued = [], False
+    for line in (doc or "").splitlines():
+        if continued or (line.startswith("    ") and "python -m " in line):
+            lines.append(line)
+            continued = line.rstrip().endswith("\\")
+    return "examples:\n" + "\n".join(lines) if lines else None
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, where every long option is accepted with dashes and with underscores."""
+    """argparse, where every long option is accepted with dashes and with underscores. `doc` (the script's
+    docstring) puts its example commands under --help."""
+
+    def __init__(self, *args, doc: str | None = None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        if doc is not None:
+            kwargs.setdefault("epilog", examples(doc))
+        super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
         names = list(names)
-        for name in list(names):
+        # as declared, less a second spelling of a flag already there (shown once under --help)
+        declared = [n for i, n in enumerate(names)
+                    if n.replace("_", "-") not in {m.replace("_", "-") for m in names[:i]}]
+        for name in declared:
             if name.startswith("--"):
                 for alt in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
                     if alt not in names:
                         names.append(alt)
-        return super().add_argument(*names, **kwargs)
+        action = super().add_argument(*names, **kwargs)
+        action.declared_option_strings = declared
+        return action
 
     def error(self, message):
         # argparse's own errors already are one line plus usage; keep its exit code 2

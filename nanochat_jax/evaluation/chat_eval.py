@@ -20,6 +20,8 @@ import numpy as np
 from nanochat_jax import model as model_lib
 from nanochat_jax.tasks import TaskDataUnavailable, get_task
 
+PROGRESS_SECONDS = 30   # a task still running prints how far it got at most this often (GSM8K takes minutes)
+
 
 def _bucket(n: int, limit: int) -> int:
     """Padded length: the next power of two >= n (at least 32), capped at `limit` (fixed shapes, few compiles)."""
@@ -96,9 +98,26 @@ def chatcore(results: dict, baselines: dict) -> float | None:
     return float(np.mean([centered(results[name], b) for name, b in baselines.items()]))
 
 
+def progress_lines(name: str, log, every: float = PROGRESS_SECONDS):
+    """A `progress(done, total)` callback for the runners: logs `name: done/total problems (Ns)` when `every`
+    seconds have passed since the task started or since its last line (nothing for the last batch: the result
+    line follows)."""
+    t0 = last = time.time()
+
+    def progress(done, total):
+        nonlocal last
+        now = time.time()
+        if done < total and now - last >= every:
+            last = now
+            log(f"{name}: {done}/{total} problems ({now - t0:.0f}s)")
+    return progress
+
+
 def evaluate_tasks(task_names, params, config, tokenizer, engine_factory, max_problems=None, batch_size=16,
-                   num_samples=1, max_tokens=256, temperature=0.0, top_k=None, split="test", log=print):
-    """Run each named task; returns {name: accuracy or None (skipped)} and {name: note}."""
+                   num_samples=1, max_tokens=256, temperature=0.0, top_k=None, split="test", log=print,
+                   progress_every: float = PROGRESS_SECONDS):
+    """Run each named task; returns {name: accuracy or None (skipped)} and {name: note}. `log` gets a line per
+    task, and a progress line every `progress_every` seconds while a task runs."""
     results, notes, engine = {}, {}, None
     for name in task_names:
         t0 = time.time()
@@ -108,12 +127,14 @@ def evaluate_tasks(task_names, params, config, tokenizer, engine_factory, max_pr
             results[name], notes[name] = None, f"skipped: data not available offline ({e})"
             log(f"{name}: {notes[name]}")
             continue
+        progress = progress_lines(name, log, progress_every)
         if task.eval_type == "categorical":
-            correct, total = run_categorical(task, params, config, tokenizer, batch_size, max_problems)
+            correct, total = run_categorical(task, params, config, tokenizer, batch_size, max_problems,
+                                             progress=progress)
         else:
             engine = engine or engine_factory()
             correct, total = run_generative(task, engine, tokenizer, batch_size, max_problems, num_samples,
-                                            max_tokens, temperature, top_k)
+                                            max_tokens, temperature, top_k, progress=progress)
         results[name] = correct / max(total, 1)
         notes[name] = f"{correct}/{total}" + (f" (pass@{num_samples})" if num_samples > 1 else "")
         log(f"{name}: {results[name]:.4f} ({notes[name]}) in {time.time() - t0:.1f}s")

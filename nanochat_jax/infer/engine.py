@@ -20,6 +20,7 @@ top-k/top-p).
     results, masks = engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8, top_k=50)
     for token_id, text_piece in engine.stream(prompt_ids, max_tokens=64): print(text_piece, end="")
     per_prompt = engine.generate_batch([ids_a, ids_b], num_samples=2, max_tokens=64)   # completions only
+    reply = engine.chat("Why is the sky blue?")   # text in, text out (engine.complete(text) for a base model)
     scheduler = BatchScheduler(engine)        # continuous batching: requests join and leave a running batch
     for token_id, text_piece in scheduler.stream(prompt_ids, max_tokens=64): ...
 
@@ -274,6 +275,27 @@ class Engine:
         """The prompt ids for `conversation`, cut to leave `max_tokens` of room in this engine's context (see
         infer/prompt.fit_conversation: oldest turns dropped first, the system message kept)."""
         return fit_conversation(self.tokenizer, conversation, self.max_len, max_tokens)
+
+    def chat(self, conversation, max_tokens: int = 256, temperature: float = 0.6, top_k: int | None = 50,
+             seed: int = 0) -> str:
+        """The assistant's reply as text: `conversation` is a user message (str), a list of {"role", "content"}
+        messages, or nanochat's {"messages": [...]}. Fitted to the context and generated as `generate` does (tool
+        calls run, their output included in the text); the defaults are chat_cli's sampling."""
+        if isinstance(conversation, str):
+            conversation = [{"role": "user", "content": conversation}]
+        if isinstance(conversation, list):
+            conversation = {"messages": conversation}
+        prompt = self.fit_conversation(conversation, max_tokens)
+        results, _ = self.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        return self.tokenizer.decode(results[0][len(prompt):])
+
+    def complete(self, text: str, max_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0) -> str:
+        """The continuation of plain `text` (a base model's use): <|bos|> + text, then up to `max_tokens` tokens,
+        greedy by default; only the new text comes back."""
+        prompt = self.tokenizer.encode(text, prepend=self.bos)
+        results, _ = self.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        return self.tokenizer.decode(results[0][len(prompt):])
 
     # -- internals -------------------------------------------------------------------------------------------------
 
