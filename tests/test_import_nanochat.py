@@ -1,5 +1,5 @@
-"""scripts/import_nanochat.py and interop/nanochat.py's torch-free readers: a .pt written in torch's zip format by this
-test (no torch installed), imported, gives nanochat's own logits."""
+"""scripts/import_nanochat.py, interop/nanochat.py and interop/torch_zip.py's torch-free readers: a .pt written in
+torch's zip format by this test (no torch installed), imported, gives nanochat's own logits."""
 
 import collections
 import io
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import load_ref, ref_state_dict
-from nanochat_jax.interop import nanochat
+from nanochat_jax.interop import nanochat, torch_zip
 from nanochat_jax.train.load import load_model
 from nanochat_jax.core.common import UserError
 
@@ -116,7 +116,7 @@ def test_reader_handles_views_offsets_bf16_and_refuses_other_classes(tmp_path):
         "t": (base, 2, (3, 4), (1, 3)),        # a transposed view starting at element 2
         "b": bf,
         "n": np.array([7, 8], dtype=np.int64)})
-    sd = nanochat.read_torch_state_dict(tmp_path / "m.pt")
+    sd = torch_zip.read_torch_state_dict(tmp_path / "m.pt")
     np.testing.assert_array_equal(sd["_orig_mod.a"], np.arange(6).reshape(2, 3))
     np.testing.assert_array_equal(sd["t"], base[2:14].reshape(4, 3).T)
     assert sd["b"].dtype == ml_dtypes.bfloat16
@@ -131,7 +131,7 @@ def test_reader_handles_views_offsets_bf16_and_refuses_other_classes(tmp_path):
     with zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps({"x": Evil()}))
     with pytest.raises(UserError, match="refusing to load"):
-        nanochat.read_torch_state_dict(tmp_path / "evil.pt")
+        torch_zip.read_torch_state_dict(tmp_path / "evil.pt")
     (tmp_path / "evil_tok.pkl").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(UserError, match="refusing to load"):
         nanochat.read_tiktoken_pickle(tmp_path / "evil_tok.pkl")

@@ -1,1 +1,2 @@
-"""Other projects' formats: nanochat's PyTorch checkpoints and state_dicts in and out."""
+"""Other projects' formats, without torch: nanochat's checkpoints and state_dicts in and out, torch's .pt files, and
+a Hugging Face Transformers directory for its NanoChat model."""

@@ -5,7 +5,7 @@
 (params, ModelConfig). The recipe is detected from the keys: the 2026 (head) checkpoints carry `resid_lambdas`,
 `smear_gate.weight`, `value_embeds.*`; the 2025 ones have only wte, blocks and lm_head. Linear weights are
 transposed from PyTorch's (out, in) to our (in, out); vocab rows are padded with zeros to a multiple of 64.
-Reading the checkpoint files themselves is `interop.nanochat`'s job.
+Reading and writing the checkpoint files themselves is `interop.nanochat`'s job.
 """
 
 from __future__ import annotations
@@ -77,8 +77,11 @@ def from_nanochat(state_dict: dict, model_config: dict):
 
 
 def to_nanochat(params, config: ModelConfig) -> dict:
-    """Our params -> nanochat state_dict names and layout (numpy fp32; vocab rows kept padded, as nanochat 2026)."""
-    sd = {"transformer.wte.weight": params["wte"], "lm_head.weight": np.asarray(params["lm_head"]).T}
+    """Our params -> nanochat state_dict names and layout (numpy fp32). Vocab rows stay padded for the 2026 recipe
+    (nanochat 2026 pads them too) and are cut to `vocab_size` for 2025 (nanochat 2025 has no padding)."""
+    rows = config.vocab_size if config.recipe == "2025" else config.padded_vocab_size
+    sd = {"transformer.wte.weight": np.asarray(params["wte"])[:rows],
+          "lm_head.weight": np.asarray(params["lm_head"]).T[:rows]}
     for layer, blk in params["blocks"].items():
         for part in ("attn", "mlp"):
             for leaf, w in blk[part].items():

@@ -1,106 +1,30 @@
-"""nanochat checkpoints, read without torch, and turned into one of our exports (`import_nanochat`).
+"""nanochat checkpoints in and out: `import_nanochat` turns a nanochat checkpoint directory into one of our exports,
+`export_nanochat` writes a model of ours as nanochat's own files. Neither needs torch.
 
-A torch .pt file is a zip: <archive>/data.pkl (the pickled state_dict) and <archive>/data/<key> (raw storage
-bytes). The pickle is read by a restricted unpickler that admits only the tensor-rebuild functions, storage types
-and OrderedDict; any other class in the file is refused. The tokenizer pickle (a tiktoken Encoding) likewise:
-only the Encoding's plain-data state is accepted, and our Tokenizer is rebuilt from its ranks.
+nanochat's layout under its base dir: `<phase>_checkpoints/<tag>/model_XXXXXX.pt` (the state_dict, torch's zip
+format: `interop.torch_zip`) and `meta_XXXXXX.json` (with `model_config`), `tokenizer/tokenizer.pkl` (a pickled
+tiktoken Encoding) and `tokenizer/token_bytes.pt` (bytes per token id, the bits-per-byte denominator). The tokenizer
+pickle is read by a restricted unpickler: only the Encoding's plain-data state is accepted, and our Tokenizer is
+rebuilt from its ranks.
 """
 
 from __future__ import annotations
 
-import collections
 import io
 import json
 import pickle
-import zipfile
+import shutil
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
+import tiktoken
 
 from nanochat_jax.core.common import UserError
+from nanochat_jax.core.config import ModelConfig
 from nanochat_jax.data.tokenizer import Tokenizer
-from nanochat_jax.interop.convert import from_nanochat
+from nanochat_jax.interop.convert import from_nanochat, to_nanochat
+from nanochat_jax.interop.torch_zip import read_torch_state_dict, write_torch_file
 from nanochat_jax.train.checkpoint import checkpoint_dir
 from nanochat_jax.train.load import export_weights
-
-# ---------------------------------------------------------------------------------------------------------------
-# The torch .pt file
-
-_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-                   "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
-                   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-
-
-class _StorageType:
-    def __init__(self, name):
-        dt = _STORAGE_DTYPES[name]
-        self.dtype = np.dtype(ml_dtypes.bfloat16 if dt == "bfloat16" else dt)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    size, stride = tuple(size), tuple(stride)
-    if not size:
-        return storage[storage_offset].copy()
-    item = storage.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size,
-                                           strides=tuple(s * item for s in stride))
-    return np.array(view)  # copy: contiguous, owning its memory
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    return data
-
-
-class _TorchUnpickler(pickle.Unpickler):
-    _ALLOWED = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-                ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-                ("collections", "OrderedDict"): collections.OrderedDict}
-
-    def __init__(self, file, zf: zipfile.ZipFile, prefix: str):
-        super().__init__(file)
-        self._zf, self._prefix = zf, prefix
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint (not tensor data)")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        _, stype, key, _location, numel = pid
-        data = self._zf.read(f"{self._prefix}data/{key}")
-        return np.frombuffer(data, dtype=stype.dtype, count=numel)
-
-
-def read_torch_state_dict(path) -> dict[str, np.ndarray]:
-    """A torch-saved (zip format) state_dict as {name: numpy array}, without torch. bf16 arrives as ml_dtypes."""
-    path = Path(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise UserError(f"{path} is not a torch zip checkpoint (legacy torch.save format is not supported)") from None
-    with zf:
-        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
-        if not pkl:
-            raise UserError(f"{path} holds no data.pkl: not a torch checkpoint")
-        prefix = pkl[0][:-len("data.pkl")]
-        byteorder = f"{prefix}byteorder"
-        if byteorder in zf.namelist() and zf.read(byteorder).strip() != b"little":
-            raise UserError(f"{path} was saved big-endian; not supported")
-        try:
-            obj = _TorchUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
-        except pickle.UnpicklingError as e:
-            raise UserError(f"{path}: {e}") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} does not hold a state_dict (got {type(obj).__name__})")
-    return {k: v for k, v in obj.items()}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The tokenizer pickle
@@ -142,11 +66,22 @@ def read_tiktoken_pickle(path):
     return Tokenizer(ranks, state["pat_str"], names)
 
 
+def write_tiktoken_pickle(path, tokenizer: Tokenizer) -> Path:
+    """Our tokenizer as nanochat's tokenizer.pkl: a pickled tiktoken Encoding named "rustbpe", as nanochat saves it."""
+    specials = {name: tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=tokenizer.get_pattern(),
+                            mergeable_ranks=tokenizer.get_mergeable_ranks(), special_tokens=specials)
+    path = Path(path)
+    path.write_bytes(pickle.dumps(enc))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A nanochat checkpoint directory -> our export
 
 _NANOCHAT_STAGES = {"base_checkpoints": "base", "mid_checkpoints": "mid", "chatsft_checkpoints": "sft",
                     "chatrl_checkpoints": "rl"}
+_STAGE_DIRS = {stage: name for name, stage in _NANOCHAT_STAGES.items()}
 
 
 def _find_nanochat_tokenizer(ckpt_dir: Path) -> Path | None:
@@ -195,3 +130,49 @@ def import_nanochat(src_dir, out_dir=None, step: int | None = None, stage: str |
     if "val_bpb" in nano_meta:
         meta["val_bpb"] = nano_meta["val_bpb"]
     return export_weights(out_dir, params, config, tokenizer, meta=meta, dtype=dtype, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Our model -> nanochat's files
+
+def check_nanochat_expressible(config: ModelConfig):
+    """UserError (one line) when nanochat's GPT cannot hold `config`: its MLP is ReLU² and its RoPE base is fixed."""
+    if config.mlp != "relu2":
+        raise UserError(f"nanochat's MLP is ReLU² only; this model uses {config.mlp}, which no nanochat can load")
+    base = 10000 if config.recipe == "2025" else 100000
+    if config.rope_base != base:
+        raise UserError(f"nanochat's {config.recipe} recipe fixes the RoPE base at {base:,}; this model uses "
+                        f"{config.rope_base:,}, which no nanochat can load")
+
+
+def export_nanochat(out_dir, params, config: ModelConfig, tokenizer: Tokenizer, stage: str, model_tag: str,
+                    step: int = 0, meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Write a model as nanochat's base dir layout under `out_dir`; returns the checkpoint directory.
+
+    `<out_dir>/<phase>_checkpoints/<model_tag>/model_<step>.pt` + `meta_<step>.json` (phase from `stage`: base,
+    mid, chatsft, chatrl) and `<out_dir>/tokenizer/tokenizer.pkl` + `token_bytes.pt`, so that PyTorch nanochat
+    runs it with `NANOCHAT_BASE_DIR=<out_dir>`. Weights are fp32, bit for bit ours (the 2025 recipe's vocab rows
+    past `vocab_size`, which no token reaches, are cut as nanochat 2025 has none). token_bytes counts bytes as
+    that recipe's nanochat did (2025: decoded UTF-8 length; 2026: the token's own bytes). An existing checkpoint
+    directory, or another tokenizer already in `<out_dir>/tokenizer`, is replaced only with `overwrite`.
+    """
+    check_nanochat_expressible(config)
+    base = Path(out_dir).expanduser().resolve()
+    ckpt = base / _STAGE_DIRS[stage] / model_tag
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        if not overwrite:
+            raise UserError(f"{ckpt} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(ckpt)
+    tok_pkl = base / "tokenizer" / "tokenizer.pkl"
+    if tok_pkl.is_file() and not overwrite and read_tiktoken_pickle(tok_pkl).fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"{tok_pkl} holds another tokenizer; pass --overwrite to replace it")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tok_pkl.parent.mkdir(parents=True, exist_ok=True)
+    write_torch_file(ckpt / f"model_{step:06d}.pt", to_nanochat(params, config))
+    nano_meta = {"step": step, "model_config": config.nanochat_config(), "source": "nanochat_jax"}
+    if meta and "val_bpb" in meta:
+        nano_meta["val_bpb"] = meta["val_bpb"]
+    (ckpt / f"meta_{step:06d}.json").write_text(json.dumps(nano_meta, indent=2), encoding="utf-8")
+    write_tiktoken_pickle(tok_pkl, tokenizer)
+    write_torch_file(tok_pkl.parent / "token_bytes.pt", tokenizer.token_bytes(decoded=config.recipe == "2025"))
+    return ckpt
