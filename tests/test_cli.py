@@ -49,7 +49,8 @@ def test_stage_help_through_the_dispatcher(capsys, monkeypatch):
 
 def test_help_shows_each_flag_once_with_its_default():
     p = ArgumentParser(prog="x", description="d", doc="Doc.\n\n    python -m scripts.x --max-seq-len 64   # short\n"
-                                           "    python -m scripts.x --a \\\n        --b\n\nMore text.\n")
+                                           "    python -m scripts.x --a \\\n        --b\n\nTiny CPU example (after x):  python -m scripts.x --tiny\n"
+                                           "More text.\n")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
     p.add_argument("--data_path", "--data-path", default="shards", help="corpus")
     p.add_argument("--model-tag", "-g", default=None, help="tag (default: the newest)")
@@ -62,7 +63,8 @@ def test_help_shows_each_flag_once_with_its_default():
     assert "(default: 2048)" in text and "(default: shards)" in text and "(default: 0)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
     assert text.rstrip().endswith("examples:\n    python -m scripts.x --max-seq-len 64   # short\n"
-                                  "    python -m scripts.x --a \\\n        --b")
+                                  "    python -m scripts.x --a \\\n        --b\n"
+                                  "    Tiny CPU example (after x):  python -m scripts.x --tiny")
     # both spellings are still accepted
     assert p.parse_args(["--max_seq_len", "64", "--data-path", "x"]).max_seq_len == 64
     assert examples("no commands here") is None

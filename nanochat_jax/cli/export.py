@@ -28,7 +28,8 @@ from nanochat_jax.train.load import STAGES, load_model_from_args, resolve_checkp
 # Arguments
 
 def build_parser():
-    p = ArgumentParser(description="Export a model as a Hugging Face Transformers directory or as nanochat's files")
+    p = ArgumentParser(description="Export a model as a Hugging Face Transformers directory or as nanochat's files",
+                       doc=__doc__)
     p.add_argument("--source", default="sft", choices=STAGES, help="which training stage's checkpoint to export")
     p.add_argument("--model-tag", "-g", default=None, help="model tag (default: the most recently written)")
     p.add_argument("--step", "-s", type=int, default=None, help="checkpoint step (default: the newest)")

@@ -128,12 +128,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def examples(doc: str | None) -> str | None:
-    """The command lines of a script's docstring (its indented `python -m ...` lines and their continuations), as
-    the epilog of its --help; None when it has none."""
+    """The examples of a script's docstring, as the epilog of its --help: its indented `python -m ...` lines with
+    their continuations, and its "Tiny CPU example ...:" lines; None when it has none."""
     lines, continued = [], False
     for line in (doc or "").splitlines():
-        if continued or (line.startswith("    ") and "python -m " in line):
-            lines.append(line)
+        label = not line.startswith(" ") and "example" in line.lower() and (
+            "python -m " in line or line.rstrip().endswith(":"))
+        if continued or label or (line.startswith("    ") and "python -m " in line):
+            lines.append(line if line.startswith(" ") else "    " + line)
             continued = line.rstrip().endswith("\\")
     return "examples:\n" + "\n".join(lines) if lines else None
 
