@@ -4,10 +4,12 @@ placing batches on a mesh."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +184,22 @@ def test_epochs_reshuffle_and_count(tmp_path):
     assert loader.epoch == 2
 
 
+def test_pass_batches_is_one_pass_over_the_corpus(tmp_path):
+    """`pass_batches`: the whole batches one pass fills; reading that many stays in the first epoch, one more does
+    not (an evaluation stops there instead of reading a small split again and again)."""
+    docs = [np.full(15, d + 1) for d in range(10)]           # 10 x 16 tokens with bos = 160: 2 batches of 4 x 16
+    p = write_shard(tmp_path / "a.bin", docs, 64, "fp")
+    loader = pretrain_loader([p], 4, 15, BOS, packing="concat", shuffle=False, process_index=0, process_count=1)
+    assert loader.pass_batches == 2
+    take(loader, 2)
+    assert loader.epoch == 1
+    take(loader, 1)
+    assert loader.epoch == 2
+    small = pretrain_loader([p], 8, 63, BOS, shuffle=False, require_full_batch=False, process_index=0,
+                            process_count=1)
+    assert small.pass_batches == 1                            # less than one batch: that one batch is still read
+
+
 def test_sft_rows_mask_everything_but_the_assistant(tok):
     convs = conversations(20)
     loader = sft_loader(convs, tok, 4, 96, packing="pad", shuffle=False, process_index=0, process_count=1)
@@ -229,6 +247,51 @@ def test_resume_is_exact(kind, workers, shards, tok):
     assert same(take(b, 5), rest)
     b.close()
     assert not same(first[:5], rest)
+
+
+WORKERS_UNDER_A_SIGNAL = """
+import signal, sys, time
+import numpy as np
+from nanochat_jax.data.loader import pretrain_loader
+from nanochat_jax.data.shards import write_shard
+
+if __name__ == "__main__":                      # grain's workers are spawned: they import this file again
+    stop = []
+    signal.signal(signal.SIGINT, lambda *a: stop.append(1))    # as training does (train/stop.py): finish, close
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    docs = [np.full(5 + i % 100, i + 1) for i in range(300)]
+    loader = pretrain_loader([write_shard(sys.argv[1], docs, 1024, "fp")], 4, 32, 0, num_workers=2,
+                             process_index=0, process_count=1)
+    next(loader)
+    print("ready", flush=True)
+    while not stop:
+        next(loader)
+        time.sleep(0.01)
+    loader.close()
+    print("closed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_workers_survive_a_signal_to_the_group_and_close_leaves_no_shared_memory(tmp_path, signum):
+    """Ctrl+C (SIGINT to the whole process group) or `kill -TERM -PGID` while a loader with grain workers runs: the
+    main process closes the loader, and no shared-memory block is left for the resource tracker to report
+    ("leaked shared_memory objects") - the workers ignore the signal and are stopped by the close."""
+    script = tmp_path / "workers.py"
+    script.write_text(WORKERS_UNDER_A_SIGNAL)
+    p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "a.bin")], cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        time.sleep(0.5)                          # the workers fill their buffers
+        os.killpg(p.pid, signum)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0 and "closed" in out, err[-3000:]
+    assert "leaked" not in err, err[-3000:]
 
 
 def test_resume_refuses_another_worker_count(shards, tok):

@@ -16,6 +16,7 @@ Pipeline (grain `IterDataset`):
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -103,8 +104,17 @@ def _pipeline(chunks: DocIdChunks, spec: PackSpec, rows: int, num_workers: int):
     ds = PackDataset(ids, spec).batch(rows)
     if num_workers > 0:
         _mark_flags_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=_worker_init)
     return iter(ds)
+
+
+def _worker_init(worker_index: int, worker_count: int):
+    """In each grain worker: ignore SIGINT and SIGTERM. Ctrl+C (or `kill -TERM -PGID`) reaches the whole process
+    group; a worker killed by it leaves the shared-memory blocks it was handing over behind ("leaked shared_memory
+    objects"). The main process owns the workers: it handles the signal and `Loader.close()` stops them (grain's
+    close; at exit its finalizer), unlinking every block. SIGKILL still ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _process_info(process_index, process_count):
@@ -124,12 +134,13 @@ class Loader:
     """Iterator of numpy micro-batches {"inputs": int32 (B_local, T), "targets": int32 (B_local, T)}.
 
     `epoch` (1-based, of the newest document in the last batch) and `position` (batches yielded) are for logs.
-    `get_state()` is a JSON-able dict; `set_state(state)` on a loader built with the same arguments continues with
+    `pass_batches`: how many batches one pass over the corpus fills (at least 1; None when not known), so that an
+    evaluation can stop before it reads a small split again. `get_state()` is a JSON-able dict; `set_state(state)` on a loader built with the same arguments continues with
     exactly the next batch (also with grain workers, given the same worker count).
     """
 
-    def __init__(self, iterator, num_workers: int = 0, name: str = "loader"):
-        self.name, self.num_workers = name, num_workers
+    def __init__(self, iterator, num_workers: int = 0, name: str = "loader", pass_batches: int | None = None):
+        self.name, self.num_workers, self.pass_batches = name, num_workers, pass_batches
         self._it = iterator
         self.position, self.epoch = 0, 1
 
@@ -192,7 +203,7 @@ def pretrain_loader(shards: Sequence[str | os.PathLike] | ShardDocs, B: int, T: 
     # the buffer is not capped at the split's size: a short split wraps into its next epoch, as nanochat's does
     spec = PackSpec(DocLookup(docs=docs), packing, T, max(1, buffer_size), bos, bos)
     it = _pipeline(DocIdChunks(len(docs), seed, shuffle, pi, pc), spec, b_local, num_workers)
-    return Loader(it, num_workers, name="pretrain loader")
+    return Loader(it, num_workers, name="pretrain loader", pass_batches=max(1, have // need))
 
 
 def sft_loader(conversations, tokenizer, B: int, T: int, *, packing: str = "pack", seed: int = 0,

@@ -34,6 +34,20 @@ def bytes_note(recipe: str, byte_count: str) -> str | None:
     return None
 
 
+def one_pass_steps(tokens: int, rows: int, T: int, pass_batches: int, flag: str) -> tuple[int, str | None]:
+    """Batches of (rows, T) to evaluate for `tokens` asked (by `flag`), at most one pass over the split.
+
+    pass_batches: the batches one pass over the split fills (its loader's `pass_batches`). The loaders repeat a
+    split endlessly, and reading a small split again only adds time, not information. Returns (batches, None), or
+    (pass_batches, a line saying that the evaluation was cut to one pass).
+    """
+    asked = max(1, tokens // (rows * T))
+    if asked <= pass_batches:
+        return asked, None
+    return pass_batches, (f"{flag} {tokens:,} asks for {asked:,} batches of {rows}x{T}, but the split fills only "
+                          f"{pass_batches:,}: evaluating one pass over it ({pass_batches * rows * T:,} tokens)")
+
+
 def make_bpb_fn(config=None, loss_fn=None):
     """Jitted (params, inputs (B,T), targets (B,T), token_bytes (V,)) -> (sum of nats, sum of bytes).
 
