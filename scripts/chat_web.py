@@ -7,13 +7,16 @@
 Tiny CPU example (after the miniature's SFT):  python -m scripts.chat_web --source sft --host 127.0.0.1
 
 Endpoints: GET / (page), POST /chat/completions (SSE `data: {"token": ...}` ... `data: {"done": true}`),
-POST /v1/chat/completions (OpenAI: `stream` true/false), GET /v1/models, GET /health, GET /stats.
+POST /v1/chat/completions and /v1/completions (OpenAI: `stream` true/false), GET /v1/models, GET /health, GET /stats.
     curl -N localhost:8000/chat/completions -H 'Content-Type: application/json' \\
          -d '{"messages": [{"role": "user", "content": "Why is the sky blue?"}]}'
 
 Concurrency: one engine per device (--num-workers, default: every local accelerator, or 1 on CPU), each serving
 --slots requests at once, batched into one decode step (continuous batching; --slots 1 = one at a time, as nanochat's
-worker pool); further requests queue.
+worker pool); up to 4 more per slot wait for one, and beyond that a request is answered 503 (busy) at once.
+
+Served by waitress (serve/server.py): --max-connections open connections at most, each closed after --timeout idle
+seconds; behind a reverse proxy, bind 127.0.0.1 and pass --trusted-proxy with the proxy's address (README).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from __future__ import annotations
 import logging
 
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
-from nanochat_jax.serve.app import create_app, serve
+from nanochat_jax.serve.app import create_app
 from nanochat_jax.serve.model_args import add_model_args, load_chat_model, model_label
 from nanochat_jax.serve.pool import Worker
 from nanochat_jax.serve.protocol import MAX_TOKENS_RANGE, TEMPERATURE_RANGE, TOP_K_RANGE, plan_generation
+from nanochat_jax.serve.server import QUEUE_PER_SLOT, serve, threads_for
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -44,7 +48,27 @@ def build_parser():
                    help="concurrent requests per engine, batched into one decode step (continuous batching); "
                         "1 = one request at a time per engine, others queue")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the engine before serving")
+    p.add_argument("--max-connections", type=int, default=500,
+                   help="most open connections; more wait in the listen queue until one closes")
+    p.add_argument("--timeout", type=int, default=60,
+                   help="seconds an idle or half-sent connection stays open before the server closes it")
+    p.add_argument("--trusted-proxy", default=None,
+                   help="address of a reverse proxy whose X-Forwarded-For/-Proto/-Host/-Port headers are trusted")
     return p
+
+
+def check_args(args):
+    """One clear line for a flag out of range."""
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"-p/--port must be in [0, 65535] (0: any free port), got {args.port}")
+    if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
+        raise UserError(f"-t/--temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]")
+    if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:
+        raise UserError(f"-k/--top-k must be in [{TOP_K_RANGE[0]}, {TOP_K_RANGE[1]}]")
+    if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
+        raise UserError(f"-m/--max-tokens must be in [{MAX_TOKENS_RANGE[0]}, {MAX_TOKENS_RANGE[1]}]")
+    if args.max_connections < 1 or args.timeout < 1:
+        raise UserError("--max-connections and --timeout must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,6 +102,11 @@ class DeviceEngine:
         with jax.default_device(self.device):
             yield from self.engine.stream(tokens, **kw)
 
+    def score(self, tokens, start=1, top=0):
+        import jax
+        with jax.default_device(self.device):
+            return self.engine.score(tokens, start, top)
+
     def stats(self) -> dict:
         return self.scheduler.stats() if self.scheduler is not None else {}
 
@@ -104,16 +133,11 @@ def build_workers(params, config, tokenizer, num_workers: int | None, slots: int
 
 def main(argv=None):
     args = parse_args(build_parser(), "chat_web", argv)
-    if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
-        raise UserError(f"-t/--temperature must be in [{TEMPERATURE_RANGE[0]}, {TEMPERATURE_RANGE[1]}]")
-    if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:
-        raise UserError(f"-k/--top-k must be in [{TOP_K_RANGE[0]}, {TOP_K_RANGE[1]}]")
-    if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
-        raise UserError(f"-m/--max-tokens must be in [{MAX_TOKENS_RANGE[0]}, {MAX_TOKENS_RANGE[1]}]")
-    # each exchange (and each HTTP request) is logged; other libraries' INFO chatter (orbax) is not
+    check_args(args)
+    # each exchange (and each HTTP request) is logged; other libraries' INFO chatter (orbax) is not; waitress warns
+    # when it reaches its connection limit or its queue grows
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    for name in ("nanochat_jax.serve", "werkzeug"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("nanochat_jax.serve").setLevel(logging.INFO)
     enable_compilation_cache()
 
     params, config, tokenizer, meta = load_chat_model(args)
@@ -133,18 +157,18 @@ def main(argv=None):
                 for _ in w.engine.stream(tokens, **kw):
                     pass
 
+    slots = sum(w.slots for w in workers)
+    queue = QUEUE_PER_SLOT * slots
     app = create_app(workers, tokenizer, max_context=config.sequence_len, temperature=args.temperature,
-                     top_k=args.top_k, max_tokens=args.max_tokens, model_name=name)
-    try:
-        server = serve(app, args.host, args.port)
+                     top_k=args.top_k, max_tokens=args.max_tokens, model_name=name, max_waiting=queue)
+    try:  # a thread per generating request and per request waiting for a slot, and a few to spare
+        server = serve(app, args.host, args.port, threads=threads_for(slots, queue),
+                       connection_limit=args.max_connections, timeout=args.timeout, trusted_proxy=args.trusted_proxy)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     shown = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-    print0(f"serving {name} at http://{shown}:{server.server_port}/  (Ctrl+C stops)")
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    print0(f"serving {name} at http://{shown}:{server.port}/ with waitress (Ctrl+C stops)")
+    server.serve_forever()  # Ctrl+C: it closes the connections, run_main says "interrupted"
 
 
 if __name__ == "__main__":

@@ -385,6 +385,37 @@ def test_prompt_too_long_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Scoring: per-token logprobs of a given sequence (the server's logprobs)
+
+def test_score_gives_each_tokens_logprob_and_the_top_alternatives():
+    script = [SP["<|bos|>"]] + text_ids("hello world")
+    engine = scripted_engine(script)
+    lps, top_ids, top_lps = engine.score(script[:8], start=3, top=2)
+    assert lps.shape == (5,) and top_ids.shape == top_lps.shape == (5, 2)
+    assert np.allclose(lps, 0.0, atol=1e-6)  # each token is the one the model predicts (a 50-nat margin)
+    assert top_ids[:, 0].tolist() == script[3:8] and np.allclose(top_lps[:, 1], -50.0, atol=1e-3)
+    assert engine.score(script[:3] + [SP["<|python_end|>"]], start=3)[0][0] < -40  # a token it did not predict
+    n = engine.compiled_count()
+    engine.score(script[:5], start=1, top=2)  # same bucket: no recompile
+    assert engine.compiled_count() == n
+    with pytest.raises(ValueError):
+        engine.score(script[:5], start=0)  # nothing before the first token
+
+
+def test_score_equals_log_softmax_of_a_full_forward():
+    from nanochat_jax import model
+
+    params, cfg = _tiny_model("2026", 2, 8)
+    engine = Engine(params, cfg, TOK, max_batch=2)
+    seq = [256] + np.random.default_rng(3).integers(0, 256, 40).tolist()
+    lps, top_ids, top_lps = engine.score(seq, start=5, top=4)
+    ref = np.asarray(jax.nn.log_softmax(model.forward(params, jnp.asarray([seq], jnp.int32), cfg)[0], axis=-1))
+    assert np.allclose(lps, ref[np.arange(4, len(seq) - 1), seq[5:]], atol=1e-4)
+    assert (top_ids == np.argsort(-ref[4:-1], axis=-1)[:, :4]).all()
+    assert np.allclose(top_lps, np.sort(ref[4:-1], axis=-1)[:, ::-1][:, :4], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Streaming and text
 
 def test_text_stream_holds_back_incomplete_utf8():

@@ -118,7 +118,7 @@ def test_openai_non_stream_with_usage(server):
     body = json.loads(raw)
     assert body["object"] == "chat.completion"
     choice = body["choices"][0]
-    assert choice["message"] == {"role": "assistant", "content": "ech"}
+    assert choice["message"] == {"role": "assistant", "content": "ech", "refusal": None}
     assert choice["finish_reason"] == "length"
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(engine.calls[-1]["tokens"])
@@ -140,12 +140,20 @@ def test_models_health_stats(server):
     assert stats["completed"] >= 1 and [w["id"] for w in stats["workers"]] == [0, 1]
 
 
+def error_of(raw) -> dict:
+    """The error object of an error body, checked to be in OpenAI's shape."""
+    body = json.loads(raw)
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
 def test_unknown_route_and_method_are_json_errors(server):
     port, _ = server
     status, _, raw = request(port, "GET", "/nope")
-    assert status == 404 and "error" in json.loads(raw)
+    assert status == 404 and error_of(raw)["type"] == "invalid_request_error"
     status, _, raw = request(port, "GET", "/chat/completions")
-    assert status == 405 and "error" in json.loads(raw)
+    assert status == 405 and "GET /chat/completions" in error_of(raw)["message"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,6 +195,9 @@ BAD_BODIES = {
     "max_tokens a string": {"messages": USER, "max_tokens": "10"},
     "body a list": [USER],
     "body a number": 3,
+    "unknown field": {"messages": USER, "temprature": 0.5},
+    "content with a lone surrogate": {"messages": [{"role": "user", "content": "a\ud800b"}]},
+    "message with an extra field": {"messages": [{"role": "user", "content": "hi", "name": "bob"}]},
 }
 
 
@@ -199,7 +210,7 @@ def test_invalid_requests_get_400(server, name):
         status, headers, raw = request(port, "POST", path, BAD_BODIES[name])
         assert status == 400, (name, path, raw)
         assert headers["content-type"].startswith("application/json")
-        assert isinstance(json.loads(raw)["error"], str) and json.loads(raw)["error"]
+        assert error_of(raw)["type"] == "invalid_request_error"
     assert chat(port, USER)[-1] == {"done": True}  # still serving
 
 
@@ -228,7 +239,7 @@ def test_bad_encodings_get_400(server, path):
     for body, ctype, words in cases:
         status, _, raw = request(port, "POST", path, body, content_type=ctype)
         assert status == 400, (body[:20], ctype, raw)
-        assert words in json.loads(raw)["error"]
+        assert words in error_of(raw)["message"]
     status, _, raw = request(port, "POST", path, {"messages": USER, "stream": True})
     assert status == 200
 
@@ -238,13 +249,13 @@ def test_huge_body_gets_413_and_server_keeps_serving(server):
     huge = json.dumps({"messages": [{"role": "user", "content": "z" * (MAX_BODY_BYTES + 10)}]})
     status, _, raw = request(port, "POST", "/chat/completions", huge)
     assert status == 413
-    assert "too large" in json.loads(raw)["error"]
+    assert "too large" in error_of(raw)["message"]
     assert chat(port, USER)[-1] == {"done": True}
 
 
 def test_openai_route_specific_validation(server):
     port, _ = server
-    for body in ({"messages": USER, "stream": "yes"}, {"messages": USER, "n": 2},
+    for body in ({"messages": USER, "stream": "yes"}, {"messages": USER, "n": 5},
                  {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}):
         status, _, raw = request(port, "POST", "/v1/chat/completions", body)
         assert status == 400, raw
@@ -363,10 +374,12 @@ def test_busy_timeout_answers_instead_of_hanging():
         t = threading.Thread(target=slow)
         t.start()
         assert wait_until(lambda: engine.running == 1)
-        status, _, raw = request(port, "POST", "/v1/chat/completions", {"messages": USER})
-        assert status == 503 and "busy" in json.loads(raw)["error"]
-        events = chat(port, USER)
-        assert "busy" in events[0]["error"] and events[-1] == {"done": True}
+        for path in ("/v1/chat/completions", "/chat/completions"):  # streamed or not, a 503 before any event
+            for stream in (False, True):
+                status, _, raw = request(port, "POST", path, {"messages": USER} | ({"stream": True} if stream and
+                                                                                   path.startswith("/v1") else {}))
+                assert status == 503 and "busy" in error_of(raw)["message"]
+                assert error_of(raw)["type"] == "server_error"
         t.join(timeout=30)
     assert results[0][-1] == {"done": True}
 
@@ -412,9 +425,9 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
     monkeypatch.setattr(chat_web, "build_workers", lambda p, c, t, n, s: [Worker(engine, id=0, slots=s)])
     real_serve = chat_web.serve
 
-    def recording_serve(app, host, port):
-        servers.append(real_serve(app, host, port))
-        return servers[-1]
+    def recording_serve(app, host, port, **kw):
+        servers.append((real_serve(app, host, port, **kw), kw))
+        return servers[-1][0]
     monkeypatch.setattr(chat_web, "serve", recording_serve)
     argv = ["--checkpoint", "/x/d4", "--host", "127.0.0.1", "--port", "0", "-t", "0.3", "-k", "9", "-m", "100",
             "--slots", "3"]
@@ -422,7 +435,10 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
     thread.start()
     try:
         assert wait_until(lambda: bool(servers), timeout=20)
-        port = servers[0].server_port
+        port = servers[0][0].port
+        # waitress (not Flask's development server), with its limits set from the flags and the slots
+        assert request(port, "GET", "/health")[1]["server"] == "waitress"
+        assert servers[0][1] == dict(threads=3 + 4 * 3 + 4, connection_limit=500, timeout=60, trusted_proxy=None)
         events = chat(port, USER)
         assert "".join(e.get("token", "") for e in events) == "echo: hello (t=0.3)"
         call = engine.calls[-1]  # the first two calls are the warm-up (top_k 9 and 0)
@@ -432,7 +448,7 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
         assert json.loads(request(port, "GET", "/stats")[2])["total_slots"] == 3
     finally:
         if servers:
-            servers[0].shutdown()
+            servers[0][0].shutdown()
         thread.join(timeout=10)
     assert not thread.is_alive()
 
@@ -440,7 +456,7 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
 def test_chat_web_bad_flags():
     import scripts.chat_web as chat_web
     from nanochat_jax.core.common import UserError
-    for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"]):
+    for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"], ["--port", "99999"], ["-p", "-1"], ["--timeout", "0"]):
         with pytest.raises(UserError):
             chat_web.main(argv)
 

@@ -12,8 +12,10 @@ import json
 import threading
 import time
 
+import numpy as np
+
 from nanochat_jax.data.tokenizer import Tokenizer
-from nanochat_jax.serve.app import serve
+from nanochat_jax.serve.server import serve
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
             "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>"]
@@ -29,6 +31,9 @@ class FakeTokenizer:
 
     def get_bos_token_id(self):
         return 0
+
+    def get_vocab_size(self):
+        return OFFSET + 256
 
     def encode_special(self, name):
         return SPECIALS.index(name)
@@ -48,8 +53,14 @@ def last_user_text(tokens) -> str:
     return FakeTokenizer().decode(tokens[start + 1:end])
 
 
+def fake_logprob(token: int) -> float:
+    """The fake engine's logprob of `token`, whatever came before it."""
+    return -0.25 * (token % 4) - 0.125
+
+
 class FakeEngine:
-    """Replies "echo: <last user message>" one character per token, sleeping `delay` s before each.
+    """Replies "echo: <last user message>" one character per token, sleeping `delay` s before each; a prompt without
+    a user turn (a plain completion) gets `reply` or "echo: <the prompt's text>".
 
     Counts streams that are running, the most that ever ran at once, and those closed early (client gone).
     `reply` overrides the scripted text; `temperature > 0` appends " (t=<temperature>)" so tests see it arrive.
@@ -59,7 +70,7 @@ class FakeEngine:
         self.delay, self.reply = delay, reply
         self.lock = threading.Lock()
         self.running = self.max_running = self.closed_early = self.finished = 0
-        self.calls = []
+        self.calls, self.scores = [], []
 
     def stream(self, tokens, max_tokens=64, temperature=0.0, top_k=0, seed=0, top_p=None):
         with self.lock:
@@ -67,7 +78,9 @@ class FakeEngine:
                                    top_k=top_k, seed=seed, top_p=top_p))
             self.running += 1
             self.max_running = max(self.max_running, self.running)
-        text = self.reply if self.reply is not None else "echo: " + last_user_text(tokens)
+        us = SPECIALS.index("<|user_start|>")
+        said = last_user_text(tokens) if us in tokens else FakeTokenizer().decode(tokens)
+        text = self.reply if self.reply is not None else "echo: " + said
         if self.reply is None and temperature > 0:
             text += f" (t={temperature:g})"
         done = False
@@ -86,20 +99,31 @@ class FakeEngine:
                     self.closed_early += 1
 
 
+    def score(self, tokens, start=1, top=0):
+        """engine.Engine.score's interface: token t has logprob fake_logprob(t); the top alternatives at every
+        position are tokens OFFSET + 0, 1, ... with logprobs -1, -2, ..."""
+        self.scores.append(dict(tokens=list(tokens), start=start, top=top))
+        n = len(tokens) - start
+        lps = np.array([fake_logprob(t) for t in tokens[start:]], np.float32)
+        ids = np.tile(np.arange(OFFSET, OFFSET + top, dtype=np.int32), (n, 1))
+        vals = np.tile(-np.arange(1, top + 1, dtype=np.float32), (n, 1))
+        return lps, ids, vals
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A real server on 127.0.0.1 in a background thread
 
 @contextlib.contextmanager
-def running_server(app):
-    """Serve `app` on a free port of 127.0.0.1 (werkzeug, threaded); yields the port."""
-    server = serve(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+def running_server(app, **kw):
+    """Serve `app` on a free port of 127.0.0.1 (serve/server.py's waitress server; `kw` its settings); yields the
+    port."""
+    server = serve(app, "127.0.0.1", 0, **kw)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_port
+        yield server.port
     finally:
         server.shutdown()
-        server.server_close()
         thread.join(timeout=10)
 
 

@@ -8,6 +8,7 @@ and the other way round) and parses with `parse_args(parser, section)`, which ap
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import os
 import sys
@@ -169,8 +170,29 @@ class ArgumentParser(argparse.ArgumentParser):
         super().error(message)
 
 
+# The tables a preset may hold: one per script that reads presets (its parse_args section), and [speedrun] for
+# run_speedrun.sh. Any other table is a typo, refused rather than silently ignored.
+PRESET_TABLES = ("base_eval", "base_loss", "base_train", "bench_train_step", "chat_cli", "chat_eval", "chat_rl",
+                 "chat_sft", "chat_web", "download_data", "export", "import_nanochat", "mid_train", "pretokenize",
+                 "report", "speedrun", "speedrun_plan", "tok_eval", "tok_train")
+
+
+def _check_tables(data: dict, p: Path, section: str):
+    """One line for a top-level key that is not a known table (a misspelled [base_trian], a key outside a table)."""
+    known = sorted(set(PRESET_TABLES) | {section})
+    for name, value in data.items():
+        if not isinstance(value, dict):
+            raise UserError(f"preset {p}: '{name}' is outside any table; put it under its script's table "
+                            f"(known tables: {', '.join(known)})")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else ""
+            raise UserError(f"preset {p}: unknown table [{name}]{hint}; known tables: {', '.join(known)}")
+
+
 def load_preset(path: str | os.PathLike, section: str) -> dict:
-    """The `[section]` table of a TOML preset, with keys normalised to argparse dests (dashes -> underscores)."""
+    """The `[section]` table of a TOML preset, with keys normalised to argparse dests (dashes -> underscores).
+    Every table of the file must be one of PRESET_TABLES (or `section`)."""
     p = Path(path)
     if not p.is_file():
         # allow `--config d20` as a short name for configs/d20.toml
@@ -182,6 +204,7 @@ def load_preset(path: str | os.PathLike, section: str) -> dict:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"preset {p}: not valid TOML ({e})") from None
+    _check_tables(data, p, section)
     table = data.get(section, {})
     if not isinstance(table, dict):
         raise UserError(f"preset {p}: [{section}] must be a table")

@@ -14,13 +14,14 @@ token. `generate`/`generate_batch` run whole chunks; `stream` and `BatchSchedule
 STREAM_SECONDS from the measured step time, so text still arrives every few tens of milliseconds. While a row has
 tool output to force in, the batch takes single steps (`Engine._step`). Compiled functions: one prefill per bucket
 used, and one chunk, one single step and one row-admission function per batch size and sampling kind (plain, or
-top-k/top-p).
+top-k/top-p); `score` (per-token logprobs of a given sequence, one forward pass) compiles once per bucket it uses.
 
     engine = Engine(params, config, tokenizer)
     results, masks = engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8, top_k=50)
     for token_id, text_piece in engine.stream(prompt_ids, max_tokens=64): print(text_piece, end="")
     per_prompt = engine.generate_batch([ids_a, ids_b], num_samples=2, max_tokens=64)   # completions only
     reply = engine.chat("Why is the sky blue?")   # text in, text out (engine.complete(text) for a base model)
+    logprobs, top_ids, top_logprobs = engine.score(prompt_ids + completion, start=len(prompt_ids), top=5)
     scheduler = BatchScheduler(engine)        # continuous batching: requests join and leave a running batch
     for token_id, text_piece in scheduler.stream(prompt_ids, max_tokens=64): ...
 
@@ -50,6 +51,7 @@ from nanochat_jax.infer.prompt import fit_conversation
 from nanochat_jax.infer.sampling import sample_logits
 
 MIN_BUCKET = 16  # smallest prefill length: shorter prompts share one compiled prefill
+SCORE_TOP = 20   # most alternatives `score` returns per position (OpenAI's top_logprobs limit)
 
 
 def prompt_buckets(max_len: int, smallest: int = MIN_BUCKET) -> tuple[int, ...]:
@@ -179,10 +181,26 @@ class Engine:
         self._step = jax.jit(step, static_argnames=("filtered",), donate_argnums=(1,))
         self._new_cache = jax.jit(lambda batch: model.init_cache(config, batch, self.max_len, self.dtype),
                                   static_argnums=(0,))
+        self._build_score_jit()
+
+    def _build_score_jit(self):
+        model, config = self.model, self.config
+
+        def score(params, cache1, tokens):
+            """tokens (1, bucket) -> for each position i, the logprob of tokens[i + 1] under the model (temperature
+            1) and the SCORE_TOP most likely next tokens: (fp32 (bucket,), int32 (bucket, K), fp32 (bucket, K))."""
+            logits, cache1 = model.forward_cached(params, tokens, cache1, jnp.zeros((1,), jnp.int32), config)
+            logp = jax.nn.log_softmax(logits[0, :, :config.vocab_size].astype(jnp.float32), axis=-1)
+            chosen = jnp.take_along_axis(logp, jnp.roll(tokens[0], -1)[:, None], axis=-1)[:, 0]
+            top_lp, top_ids = jax.lax.top_k(logp, min(SCORE_TOP, config.vocab_size))
+            return chosen, top_ids.astype(jnp.int32), top_lp, cache1
+
+        self._score = jax.jit(score, donate_argnums=(1,))
 
     def compiled_count(self) -> int:
         """How many executables the engine's jitted functions hold (for tests that check nothing recompiles)."""
-        return sum(f._cache_size() for f in (self._prefill, self._admit, self._step, self._chunk, self._new_cache))
+        return sum(f._cache_size() for f in (self._prefill, self._admit, self._step, self._chunk, self._new_cache,
+                                             self._score))
 
     def bucket_for(self, n: int) -> int:
         for b in self.buckets:
@@ -270,6 +288,25 @@ class Engine:
                 batch.step(batch.steps_within(STREAM_SECONDS))
         finally:
             req.cancel()
+
+    def score(self, tokens: list[int], start: int = 1, top: int = 0):
+        """Log-probabilities of tokens[start:], each given the tokens before it, under the model's own distribution
+        (temperature 1, no top-k/top-p: what OpenAI-style APIs report), and the `top` (<= SCORE_TOP) most likely
+        tokens at each of those positions. One forward pass over the whole sequence, padded to a prefill bucket.
+        -> (logprobs fp32 (n,), top_ids int32 (n, top), top_logprobs fp32 (n, top)), n = len(tokens) - start."""
+        n = len(tokens)
+        if not 1 <= start <= n or n > self.max_len:
+            raise ValueError(f"cannot score tokens[{start}:] of {n} tokens in a context of {self.max_len}")
+        if not 0 <= top <= SCORE_TOP:
+            raise ValueError(f"top must be in [0, {SCORE_TOP}]")
+        padded = np.zeros((1, self.bucket_for(n)), np.int32)
+        padded[0, :n] = tokens
+        with self._prefill_lock:  # the batch-1 prefill cache is the scratch space
+            cache1 = self._prefill_cache if self._prefill_cache is not None else self._new_cache(1)
+            self._prefill_cache = None  # donated below
+            chosen, top_ids, top_lp, self._prefill_cache = self._score(self.params, cache1, padded)
+        rows = slice(start - 1, n - 1)  # position i predicts token i + 1
+        return np.asarray(chosen)[rows], np.asarray(top_ids)[rows, :top], np.asarray(top_lp)[rows, :top]
 
     def fit_conversation(self, conversation: dict, max_tokens: int = 0) -> list[int]:
         """The prompt ids for `conversation`, cut to leave `max_tokens` of room in this engine's context (see

@@ -1,13 +1,16 @@
-"""The chat protocols: request validation (nanochat's limits), the prompt and sampling settings of a request, and
-the shapes of the responses (SSE events, OpenAI chat.completion and chat.completion.chunk objects).
+"""What both chat APIs share: the limits, request errors in OpenAI's shape, the checks on messages and sampling
+settings, nanochat's own request (POST /chat/completions), the prompt and sampling settings of a conversation, SSE
+events, and text made safe for the log.
 
-Nothing here needs Flask: scripts/chat_cli.py plans its prompts with `plan_generation` too.
+Nothing here needs Flask: scripts/chat_cli.py plans its prompts with `plan_generation` too. The OpenAI routes'
+requests are read by serve/openai_request.py on top of these checks.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 
 from nanochat_jax.infer.prompt import fit_conversation
@@ -25,10 +28,66 @@ MAX_TOKENS_RANGE = (1, 4_096)
 # 32,000 chars of JSON-escaped non-ASCII text is at most ~200 KB; 1 MiB leaves room for 500 messages of overhead
 MAX_BODY_BYTES = 1 << 20
 
+NANOCHAT_FIELDS = ("messages", "temperature", "top_k", "top_p", "max_tokens", "seed", "stream")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors: OpenAI's shape, {"error": {"message", "type", "param", "code"}}, on every route
 
 class RequestError(ValueError):
-    """A bad request: answered with HTTP 400 and {"error": message}."""
+    """A request the server refuses: HTTP `status` (400 unless said otherwise) with an OpenAI-shaped error body that
+    names the offending field (`param`) and, for some kinds, a machine-readable `code`."""
 
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+    def body(self) -> dict:
+        return error_body(str(self), self.status, self.param, self.code)
+
+
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object; `type` is "invalid_request_error" for a 4xx status, "server_error" for a 5xx."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def shorten(text: str, n: int = 40) -> str:
+    """`text` cut to `n` characters for an error message (a field name may be any length)."""
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_fields(body: dict, allowed, unsupported=()):
+    """Refuse every field of `body` the route does not know, or knows and does not implement (`unsupported`).
+    A field sent as null asks for nothing, so it is let through whatever its name."""
+    for key, value in body.items():
+        if key in allowed or value is None:
+            continue
+        if key in unsupported:
+            raise RequestError(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+        raise RequestError(f"unrecognized request field '{shorten(key)}'", param=shorten(key),
+                           code="unknown_parameter")
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_text(text: str, what: str, param: str | None = None) -> str:
+    """`text`, refused when it cannot be encoded as UTF-8 (JSON lets a lone surrogate like \\ud800 through)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode text (it holds a lone surrogate)", param=param) from None
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests: nanochat's route, and the checks the OpenAI routes share
 
 @dataclass
 class ChatRequest:
@@ -39,116 +98,131 @@ class ChatRequest:
     max_tokens: int | None = None
     top_p: float | None = None
     seed: int | None = None
-    stream: bool = True
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def validate_request(body) -> ChatRequest:
+    """nanochat's request (POST /chat/completions): messages (user and assistant turns), the optional sampling
+    settings, and `stream` (true if given: the route always streams); anything else is refused. Raises
+    RequestError with one clear line."""
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    check_fields(body, NANOCHAT_FIELDS)
+    if body.get("stream") not in (None, True):
+        raise RequestError("this route always streams: stream must be true if given", param="stream")
+    req = ChatRequest(messages=valid_messages(body.get("messages"), ("user", "assistant")))
+    read_sampling(body, req)
+    return req
 
 
 def _content_text(content, i: int) -> str:
     """A message's content as one string; OpenAI clients may send a list of {"type": "text", "text": ...} parts."""
     if isinstance(content, str):
-        return content
+        return check_text(content, f"message {i}", "messages")
     if isinstance(content, list):
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise RequestError(f"message {i}: content parts must be {{\"type\": \"text\", \"text\": string}}")
-            texts.append(part["text"])
+                raise RequestError(f"message {i}: content parts must be {{\"type\": \"text\", \"text\": string}} "
+                                   "(this model reads text only)", param="messages")
+            texts.append(check_text(part["text"], f"message {i}", "messages"))
         return "".join(texts)
-    raise RequestError(f"message {i}: content must be a string")
+    raise RequestError(f"message {i}: content must be a string", param="messages")
 
 
-def validate_request(body, openai: bool = False) -> ChatRequest:
-    """Check a decoded JSON body against the limits; raise RequestError with one clear line if it breaks one.
-
-    System messages are allowed only on the OpenAI route (`openai=True`).
-    """
-    if not isinstance(body, dict):
-        raise RequestError("request body must be a JSON object")
-    req = ChatRequest(messages=_valid_messages(body.get("messages"), openai))
-    _read_sampling(body, req, openai)
-    if openai:
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise RequestError("stream must be true or false")
-        req.stream = stream
-        nc = body.get("n", 1)
-        if nc != 1 or not _is_int(nc):
-            raise RequestError("only n=1 is supported")
-    return req
-
-
-def _valid_messages(messages, openai: bool) -> list:
-    """The messages as {"role", "content": str}, checked against the limits."""
+def valid_messages(messages, roles) -> list:
+    """The messages as {"role", "content": str}, checked against the limits; a "developer" message (OpenAI's new name
+    for the system message) counts as "system"."""
     if not isinstance(messages, list):
-        raise RequestError("'messages' must be a list of {\"role\", \"content\"} objects")
+        raise RequestError("'messages' must be a list of {\"role\", \"content\"} objects", param="messages")
     if len(messages) == 0:
-        raise RequestError("at least one message is required")
+        raise RequestError("at least one message is required", param="messages")
     if len(messages) > MAX_MESSAGES:
-        raise RequestError(f"too many messages: at most {MAX_MESSAGES} allowed per request")
-    roles = ("system", "user", "assistant") if openai else ("user", "assistant")
+        raise RequestError(f"too many messages: at most {MAX_MESSAGES} allowed per request", param="messages")
     clean, total = [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise RequestError(f"message {i} must be an object with 'role' and 'content'")
+            raise RequestError(f"message {i} must be an object with 'role' and 'content'", param="messages")
+        extra = sorted(k for k in m if k not in ("role", "content") and m[k] is not None)
+        if extra:
+            raise RequestError(f"message {i}: field '{shorten(extra[0])}' is not supported (only role and content)",
+                               param="messages")
         role = m.get("role")
+        if role == "developer" and "system" in roles:
+            role = "system"
         if not isinstance(role, str) or role not in roles:
-            raise RequestError(f"message {i} has invalid role {role!r}: must be one of {', '.join(roles)}")
+            raise RequestError(f"message {i} has invalid role {shorten(repr(role))}: must be one of "
+                               f"{', '.join(roles)}", param="messages")
         text = _content_text(m.get("content"), i)
         if not text:
-            raise RequestError(f"message {i} has empty content")
+            raise RequestError(f"message {i} has empty content", param="messages")
         if len(text) > MAX_MESSAGE_CHARS:
-            raise RequestError(f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters per message")
+            raise RequestError(f"message {i} is too long: at most {MAX_MESSAGE_CHARS} characters per message",
+                               param="messages")
         total += len(text)
         clean.append({"role": role, "content": text})
     if total > MAX_TOTAL_CHARS:
-        raise RequestError(f"conversation is too long: at most {MAX_TOTAL_CHARS} characters in total")
+        raise RequestError(f"conversation is too long: at most {MAX_TOTAL_CHARS} characters in total",
+                           param="messages")
     if all(m["role"] == "assistant" for m in clean):
-        raise RequestError("at least one user message is required")
+        raise RequestError("at least one user message is required", param="messages")
     return clean
 
 
-def _read_sampling(body: dict, req: ChatRequest, openai: bool):
-    """The optional sampling settings (temperature, top_k, max_tokens, top_p, seed) into `req`, checked."""
+def read_sampling(body: dict, req, max_tokens_key: str = "max_tokens", min_tokens: int = MAX_TOKENS_RANGE[0]):
+    """The optional sampling settings (temperature, top_k, top_p, seed, and max_tokens read from `max_tokens_key`)
+    into `req`'s attributes of those names, checked; null means unset."""
     t = body.get("temperature")
     if t is not None:
-        if not _is_number(t):
-            raise RequestError("temperature must be a number")
+        if not is_number(t):
+            raise RequestError("temperature must be a number", param="temperature")
         if not TEMPERATURE_RANGE[0] <= t <= TEMPERATURE_RANGE[1]:
-            raise RequestError(f"temperature must be between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}")
+            raise RequestError(f"temperature must be between {TEMPERATURE_RANGE[0]} and {TEMPERATURE_RANGE[1]}",
+                               param="temperature")
         req.temperature = float(t)
     k = body.get("top_k")
     if k is not None:
-        if not _is_int(k):
-            raise RequestError("top_k must be an integer")
+        if not is_int(k):
+            raise RequestError("top_k must be an integer", param="top_k")
         if not TOP_K_RANGE[0] <= k <= TOP_K_RANGE[1]:
-            raise RequestError(f"top_k must be between {TOP_K_RANGE[0]} and {TOP_K_RANGE[1]}")
+            raise RequestError(f"top_k must be between {TOP_K_RANGE[0]} and {TOP_K_RANGE[1]}", param="top_k")
         req.top_k = k
-    n = body.get("max_tokens", body.get("max_completion_tokens") if openai else None)
+    n = body.get(max_tokens_key)
     if n is not None:
-        if not _is_int(n):
-            raise RequestError("max_tokens must be an integer")
-        if not MAX_TOKENS_RANGE[0] <= n <= MAX_TOKENS_RANGE[1]:
-            raise RequestError(f"max_tokens must be between {MAX_TOKENS_RANGE[0]} and {MAX_TOKENS_RANGE[1]}")
+        if not is_int(n):
+            raise RequestError(f"{max_tokens_key} must be an integer", param=max_tokens_key)
+        if not min_tokens <= n <= MAX_TOKENS_RANGE[1]:
+            raise RequestError(f"{max_tokens_key} must be between {min_tokens} and {MAX_TOKENS_RANGE[1]}",
+                               param=max_tokens_key)
         req.max_tokens = n
     p = body.get("top_p")
     if p is not None:
-        if not _is_number(p):
-            raise RequestError("top_p must be a number")
+        if not is_number(p):
+            raise RequestError("top_p must be a number", param="top_p")
         if not 0.0 < p <= 1.0:
-            raise RequestError("top_p must be in (0, 1]")
+            raise RequestError("top_p must be in (0, 1]", param="top_p")
         req.top_p = float(p)
     s = body.get("seed")
     if s is not None:
-        if not _is_int(s) or not 0 <= s < 2**31:
-            raise RequestError("seed must be an integer in [0, 2**31)")
+        if not is_int(s) or not 0 <= s < 2**31:
+            raise RequestError("seed must be an integer in [0, 2**31)", param="seed")
         req.seed = s
+
+
+def parse_json(raw: bytes):
+    """A request body decoded as JSON; RequestError (never a crash) for bytes that are not UTF-8, malformed JSON,
+    nesting too deep for the parser, or an integer of more digits than Python converts."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("request body is not valid UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise RequestError("malformed JSON: nested too deeply") from None
+    except ValueError:  # int('1' * 5000): more digits than sys.get_int_max_str_digits()
+        raise RequestError("malformed JSON: a number has too many digits") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,24 +275,18 @@ def stop_token_ids(tokenizer) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Response shapes
+# SSE events and the log
 
 def sse(obj) -> str:
     """One server-sent event carrying `obj` as JSON."""
     return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"
 
 
-def openai_chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> dict:
-    """A chat.completion.chunk: one streamed piece (`delta`) of completion `cid`."""
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+# control characters (C0, DEL, C1), the backslash, lone surrogates, line/paragraph separators, bidi controls
+_LOG_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
-def openai_completion(cid: str, created: int, model: str, text: str, finish: str, n_prompt: int,
-                      n_new: int) -> dict:
-    """A chat.completion: the whole reply, its finish reason and token usage."""
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new},
-    }
+def log_text(text: str) -> str:
+    """`text` safe for one log line: characters that could break the line, forge a record or hide text in a
+    terminal written as Python escapes (a newline as \\n, ESC as \\x1b, a backslash as \\\\); the rest as is."""
+    return _LOG_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
