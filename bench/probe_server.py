@@ -104,7 +104,8 @@ def json_cases():
         "Infinity top_p": b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
         "truncated": b'{"messages": [{"role": "user"', "empty": b"", "trailing garbage": b'{"messages": []} xx',
         "BOM": b'\xef\xbb\xbf{"messages": [{"role": "user", "content": "hi"}]}',
-        "UTF-16": '{"messages": []}'.encode("utf-16"), "bad UTF-8": b'{"messages": [{"role": "user", "content": "\xff"}]}',
+        "UTF-16": '{"messages": []}'.encode("utf-16"),
+        "bad UTF-8": b'{"messages": [{"role": "user", "content": "\xff"}]}',
         "null": b"null", "array": b"[]", "string": b'"x"', "number": b"1",
         "comment": b'{"messages": [] /* c */}', "100k-char key": b'{"' + b"k" * 100_000 + b'": 1}',
         "10k keys": json.dumps({f"k{i}": i for i in range(10_000)}).encode(),
@@ -193,7 +194,8 @@ def http_cases():
                                       b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         "bad chunk size": b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
         "garbage request line": b"GARBAGE\r\n\r\n", "HTTP/0.9": b"GET /\r\n\r\n",
-        "HTTP/9.9": b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", "no Host": b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "HTTP/9.9": b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+        "no Host": b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
         "Expect: 100-continue": request_bytes("POST", V1CHAT, body, extra="Expect: 100-continue\r\n"),
     }
     return [("http", name, data) for name, data in raw.items()]
@@ -313,7 +315,7 @@ def probe(port: int, half_open_n: int = 300, timeout: float = 10.0, deadline_s: 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A server of its own: waitress, as scripts/chat_web serves, with an engine that echoes (no model, no JAX)
+# A server of its own: waitress, as nanochat_jax/cli/chat_web.py serves, with an engine that echoes (no model, no JAX)
 
 class EchoEngine:
     """engine.Engine's stream/score interface: replies "echo: <the prompt's text>" one token per byte."""
@@ -334,7 +336,7 @@ class EchoEngine:
 
 
 def own_server(slots: int = 4, connection_limit: int = 1000):
-    """(server, thread) of an echo server on a free port of 127.0.0.1, configured as scripts/chat_web does."""
+    """(server, thread) of an echo server on a free port of 127.0.0.1, configured as cli/chat_web.py does."""
     from nanochat_jax.data.tokenizer import Tokenizer
     from nanochat_jax.serve.app import create_app
     from nanochat_jax.serve.pool import Worker

@@ -74,7 +74,8 @@ def test_hostile_json_is_a_400_with_a_message(server, name):
 def test_lone_surrogates_are_refused_not_crashed_on(server):
     for path, body in (("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udc80"}]}'),
                        ("/v1/completions", b'{"prompt": "\\ud800"}'),
-                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}')):
+                       ("/v1/chat/completions",
+                        b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}')):
         status, _, raw = request(server, "POST", path, body)
         assert status == 400 and "surrogate" in error_message(raw)
 
@@ -215,7 +216,7 @@ def test_requests_beyond_the_queue_are_busy_at_once():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The probe: bench/probe_server.py against a waitress server configured as scripts/chat_web does
+# The probe: bench/probe_server.py against a waitress server configured as cli/chat_web.py does
 
 def test_probe_finds_no_5xx():
     spec = importlib.util.spec_from_file_location("probe_server", REPO / "bench" / "probe_server.py")

@@ -411,12 +411,12 @@ def test_client_disconnect_frees_the_slot():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# scripts/chat_web.py wiring
+# nanochat_jax/cli/chat_web.py (python -m scripts.chat_web) wiring
 
 def test_chat_web_main_serves_with_flags(monkeypatch):
     from types import SimpleNamespace
 
-    import scripts.chat_web as chat_web
+    from nanochat_jax.cli import chat_web
 
     engine, servers = FakeEngine(), []
     monkeypatch.setattr(chat_web, "load_chat_model",
@@ -454,7 +454,7 @@ def test_chat_web_main_serves_with_flags(monkeypatch):
 
 
 def test_chat_web_bad_flags():
-    import scripts.chat_web as chat_web
+    from nanochat_jax.cli import chat_web
     from nanochat_jax.core.common import UserError
     for argv in (["-t", "2.5"], ["-k", "201"], ["-m", "0"], ["--port", "99999"], ["-p", "-1"], ["--timeout", "0"]):
         with pytest.raises(UserError):
@@ -531,7 +531,7 @@ def test_continuous_batching_server_with_a_tiny_random_model(tiny_export):
     """chat_web's engines (BatchScheduler, 4 rows): 8 concurrent clients complete; a disconnect frees its row."""
     pytest.importorskip("nanochat_jax.infer.engine")
     from nanochat_jax.train.load import load_model_from_path
-    from scripts.chat_web import build_workers
+    from nanochat_jax.cli.chat_web import build_workers
     params, config, tokenizer, meta = load_model_from_path(tiny_export)
     workers = build_workers(params, config, tokenizer, 1, 4)
     app = create_app(workers, tokenizer, max_context=config.sequence_len, temperature=0.0, max_tokens=16)

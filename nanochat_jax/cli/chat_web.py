@@ -35,10 +35,10 @@ from nanochat_jax.serve.server import QUEUE_PER_SLOT, serve, threads_for
 # Arguments
 
 def build_parser():
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], doc=__doc__)
     add_model_args(p)
     p.add_argument("--host", default="0.0.0.0", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("-p", "--port", type=int, default=8000, help="port to listen on (0: any free one)")
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0: no top-k filtering)")
     p.add_argument("-m", "--max-tokens", type=int, default=512, help="default longest reply, in tokens")

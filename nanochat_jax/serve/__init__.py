@@ -3,7 +3,7 @@ request and the prompt (serve/protocol.py); the OpenAI requests and responses (s
 serve/openai_response.py); running a request's choices on a pool of generation slots (serve/generate.py,
 serve/pool.py); and the model flags the chat scripts share (serve/model_args.py).
 
-Endpoints (served by `scripts/chat_web.py`):
+Endpoints (served by `nanochat_jax/cli/chat_web.py`: python -m scripts.chat_web, nanochat-jax chat-web):
   GET  /                     the chat page (ui.html, one file, no build step)
   POST /chat/completions     nanochat's SSE stream: `data: {"token": "...", "gpu": 0}` ... `data: {"done": true}`
   POST /v1/chat/completions  OpenAI-compatible; `stream: true` -> chat.completion.chunk events ending in

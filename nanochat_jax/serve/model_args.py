@@ -1,4 +1,4 @@
-"""Choosing and loading the model a chat script serves, shared by scripts/chat_web.py and scripts/chat_cli.py."""
+"""Choosing and loading the model a chat script serves, shared by nanochat_jax/cli/chat_web.py and cli/chat_cli.py."""
 
 from __future__ import annotations
 
