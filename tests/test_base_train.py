@@ -348,6 +348,36 @@ def test_hooks_compute_val_bpb_samples_and_core(world, monkeypatch):
     assert seen == {"max_per_task": args.core_metric_max_per_task, "bundle_dir": "BUNDLE"}
 
 
+def test_val_bpb_reads_at_most_one_pass_of_a_small_split(world, monkeypatch, capsys):
+    """--eval-tokens far beyond the validation split's size evaluates one pass over it, and says so at start-up (it
+    used to cycle a small split for minutes at every evaluation)."""
+    import jax
+    from nanochat_jax.core import sharding as shd
+    from nanochat_jax.data.shards import ensure_pretokenized
+    from nanochat_jax.data.tokenizer import Tokenizer
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(world.base))
+    tok = Tokenizer.from_directory(world.base / "tokenizer")
+    args = parse_args(base_train.build_parser(), "base_train", TINY + ["--eval-tokens", "10485760",
+                                                                        "--eval-every", "25"])
+    config = cfg.config_from_args(args, tok.get_vocab_size())
+    plan = base_train.make_plan(args, config, 1)
+    _, val = ensure_pretokenized(world.corpus, tok)
+    seen = []
+
+    def counting_bpb(params, loader, token_bytes, steps=None, **kw):
+        seen.append((steps, loader.pass_batches))
+        return 1.0
+
+    monkeypatch.setattr(base_train, "evaluate_bpb", counting_bpb)
+    mesh = shd.make_mesh(None, devices=jax.devices()[:1])
+    hooks = {h.name: h for h in base_train.make_hooks(args, plan, tok, val, mesh)}
+    hooks["val bpb"].fn(SimpleNamespace(params=None), 25)
+    [(steps, one_pass)] = seen
+    assert steps == one_pass < 10485760 // 128
+    assert (f"val bpb: --eval-tokens 10,485,760 asks for 81,920 batches of 2x64, but the split fills only "
+            f"{one_pass}: evaluating one pass") in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_a_common_step(world, tmp_path):
     from nanochat_jax.train.checkpoint import CheckpointManager

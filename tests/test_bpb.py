@@ -88,6 +88,30 @@ def test_base_loss_end_to_end(base_dir, tmp_path):
     assert "train bpb" in text and "The capital of France is" in text
 
 
+def test_base_loss_reads_at_most_one_pass_of_a_small_split(base_dir, tmp_path, monkeypatch, capsys):
+    """--split-tokens far beyond a split's size evaluates one pass over it, and says so (it used to cycle a small
+    split for minutes)."""
+    from nanochat_jax.cli import base_loss
+    from test_core_eval import save_tiny_base_model
+    save_tiny_base_model(seq_len=32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}\n" for i in range(400)))
+    seen = []
+
+    def counting_bpb(params, loader, token_bytes, steps=None, **kw):
+        seen.append((steps, loader.pass_batches))
+        return 1.0
+
+    monkeypatch.setattr(base_loss, "evaluate_bpb", counting_bpb)
+    base_loss.main(["--data-path", str(corpus), "--device-batch-size", "2", "--split-tokens", "10000000",
+                    "--max-new-tokens", "1"])
+    (train_steps, train_pass), (val_steps, val_pass) = seen
+    assert train_steps == train_pass and val_steps == val_pass and val_pass < 10_000_000 // 64
+    out = capsys.readouterr().out
+    assert f"val: --split-tokens 10,000,000 asks for 156,250 batches of 2x32, but the split fills only {val_pass}: " \
+           "evaluating one pass" in out
+
+
 def test_decoded_byte_counts_are_nanochat_2025s():
     """nanochat 2025 counted each token's bytes decoded on its own: a token holding part of a UTF-8 character counts
     3 (U+FFFD). Raw counts (2026, the default) and decoded counts agree on ASCII and differ there."""

@@ -121,3 +121,32 @@ def test_custom_json_prompt_response_missing_field(base_dir, tmp_path):
     path.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c"}]))
     with pytest.raises(UserError, match="item 2: missing field 'response'"):
         chat_sft.main(["--data-path", str(path)])
+
+
+def test_custom_data_validation_is_held_out_of_training(base_dir, tmp_path, monkeypatch):
+    """With --data-path, the val loss is measured on conversations the model never trains on (10%, at most 500)."""
+    from nanochat_jax.cli import chat_sft
+    from nanochat_jax.stages import finetune as ft
+    convs = [{"messages": [{"role": "user", "content": f"question {i}"},
+                           {"role": "assistant", "content": f"answer {i}"}]} for i in range(50)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    seen = {}
+    monkeypatch.setattr(ft, "load_start", lambda args: None)
+    monkeypatch.setattr(ft, "train_on_conversations",
+                        lambda args, stage, section, start, train_ds, val_ds, notes: seen.update(t=train_ds, v=val_ds))
+    chat_sft.main(["--data-path", str(path)])
+    train = [seen["t"][i]["messages"][0]["content"] for i in range(len(seen["t"]))]
+    val = [seen["v"][i]["messages"][0]["content"] for i in range(len(seen["v"]))]
+    assert len(val) == 5 and len(train) == 45 and not set(val) & set(train)
+    assert sorted(train + val) == sorted(c["messages"][0]["content"] for c in convs)
+
+
+def test_hold_out_sizes():
+    from nanochat_jax.tasks import hold_out
+    convs = [{"messages": [{"role": "user", "content": str(i)}, {"role": "assistant", "content": "x"}]}
+             for i in range(9)]
+    train, val = hold_out(convs, "custom")
+    assert len(train) == 9 and val is None                    # fewer than 10: nothing to spare
+    train, val = hold_out(convs * 1000, "custom")
+    assert len(val) == 500 and len(train) == 8500             # at most 500

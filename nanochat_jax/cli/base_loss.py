@@ -14,7 +14,7 @@ from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilati
 from nanochat_jax.data.loader import pretrain_loader
 from nanochat_jax.data.shards import ensure_pretokenized
 from nanochat_jax.evaluation import SAMPLE_PROMPTS, greedy_samples
-from nanochat_jax.evaluation.bpb import BYTE_COUNTS, bytes_note, evaluate_bpb, make_bpb_fn
+from nanochat_jax.evaluation.bpb import BYTE_COUNTS, bytes_note, evaluate_bpb, make_bpb_fn, one_pass_steps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -29,7 +29,8 @@ def build_parser():
     p.add_argument("--data-path", default="shards", help="corpus: shards | embedded | a .txt/.jsonl/.parquet path")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward batch")
     p.add_argument("--max-seq-len", type=int, default=None, help="sequence length (default: the model's)")
-    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (nanochat's)")
+    p.add_argument("--split-tokens", type=int, default=20 * 524288,
+                   help="tokens evaluated per split (nanochat's); at most one pass over a smaller split")
     p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per sample prompt")
     p.add_argument("--bytes", choices=BYTE_COUNTS, default="raw",
                    help="bytes per token for bpb: raw (nanochat 2026) or decoded (as nanochat 2025 counted them)")
@@ -61,7 +62,10 @@ def main(argv=None):
             raise UserError(f"{args.data_path} has no {split} split")
         loader = pretrain_loader(shards, B, T, tokenizer.get_bos_token_id(), shuffle=False,
                                  fingerprint=tokenizer.fingerprint())
-        results[split] = evaluate_bpb(params, loader, token_bytes, steps=steps, bpb_fn=bpb_fn)
+        split_steps, cut = one_pass_steps(args.split_tokens, B, T, loader.pass_batches, "--split-tokens")
+        if cut:
+            print0(f"{split}: {cut}")
+        results[split] = evaluate_bpb(params, loader, token_bytes, steps=split_steps, bpb_fn=bpb_fn)
         loader.close()
         print0(f"{split} bpb: {results[split]:.4f}")
 

@@ -34,7 +34,7 @@ from nanochat_jax.data.shards import ensure_pretokenized
 from nanochat_jax.data.tokenizer import get_tokenizer
 from nanochat_jax.evaluation import core as core_eval
 from nanochat_jax.evaluation import greedy_samples, make_greedy_step, mini_bundle
-from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn
+from nanochat_jax.evaluation.bpb import evaluate_bpb, make_bpb_fn, one_pass_steps
 from nanochat_jax.optim import OptConfig
 from nanochat_jax.report import writer as report
 from nanochat_jax.train.checkpoint import CheckpointManager, check_output_dir, checkpoint_dir
@@ -68,7 +68,8 @@ def build_parser():
     p.add_argument("--final-lr-frac", type=float, default=None, help="LR multiplier at the end of the warmdown")
     # evaluation
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: never)")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288,
+                   help="tokens per val bpb evaluation (at most one pass over the validation split)")
     p.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: never)")
     p.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE items per task (-1: all)")
     p.add_argument("--core-bundle-dir", default=None,
@@ -187,7 +188,11 @@ def core_bundle(args):
 def make_hooks(args, plan: Plan, tokenizer, val_shards, mesh, bundle=None):
     """Val bpb every --eval-every steps, CORE every --core-metric-every, greedy samples every --sample-every."""
     config = plan.config
-    eval_steps = max(1, args.eval_tokens // (plan.rows * plan.seq_len))
+    probe = val_batches(val_shards, tokenizer, plan)
+    eval_steps, cut = one_pass_steps(args.eval_tokens, plan.rows, plan.seq_len, probe.pass_batches, "--eval-tokens")
+    probe.close()
+    if cut and args.eval_every > 0:
+        print0(f"val bpb: {cut}")
     token_bytes = tokenizer.token_bytes()
     bpb_fn = make_bpb_fn(config)
 

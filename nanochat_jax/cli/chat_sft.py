@@ -9,18 +9,19 @@
 Tiny CPU example (after the miniature's mid_train):
     python -m scripts.chat_sft --device-batch-size 1 --max-seq-len 128 --num-iterations 20 --eval-every 10
 
-Data: the nanochat mixture (ARC-Easy/Challenge train, GSM8K train, 10K SmolTalk, identity x2, SimpleSpelling,
-SpellingBee); a task whose data cannot be had offline is skipped with a note. `--data_path` (.jsonl conversations
-or .json prompt/response pairs, comma-separated for several files) trains on that data instead; every line is
-checked before anything else happens, and a bad one is refused with its line number. Checkpoints go to
-<base>/checkpoints/sft/<tag>, TensorBoard curves to <base>/tensorboard/sft/<run>, a section to the report.
+Data: the nanochat mixture (ARC-Easy/Challenge train, GSM8K train, 10K SmolTalk, identity x2 (--identity-copies),
+SimpleSpelling, SpellingBee); a task whose data cannot be had offline is skipped with a note. `--data_path` (.jsonl
+conversations or .json prompt/response pairs, comma-separated for several files) trains on that data instead (10% of
+it, at most 500 conversations, held out for the val loss); every line is checked before anything else happens, and
+a bad one is refused with its line number. Checkpoints go to <base>/checkpoints/sft/<tag>, TensorBoard curves to
+<base>/tensorboard/sft/<run>, a section to the report.
 """
 
 from __future__ import annotations
 
 from nanochat_jax.core.common import ArgumentParser, UserError, enable_compilation_cache, parse_args, print0, run_main
 from nanochat_jax.stages import finetune as ft
-from nanochat_jax.tasks import Conversations, TaskMixture, load_custom
+from nanochat_jax.tasks import Conversations, TaskMixture, hold_out, load_custom
 
 STAGE = "sft"
 
@@ -40,6 +41,8 @@ def build_parser():
     p.add_argument("--packing", choices=("pack", "pad"), default="pack",
                    help="pack: best fit of whole conversations per row; pad: one conversation per row")
     p.add_argument("--smoltalk-size", type=int, default=10_000, help="SmolTalk conversations in the mixture")
+    p.add_argument("--identity-copies", type=int, default=2,
+                   help="copies of the identity conversations in the mixture (nanochat: 2)")
     p.add_argument("--spelling-size", type=int, default=300, help="SpellingBee / SimpleSpelling items")
     ft.add_optim_args(p, "sft")   # nanochat SFT: LR x0.02 decaying to 0 (2025); x0.8, 50% warmdown (2026)
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: never)")
@@ -52,7 +55,7 @@ def build_parser():
 
 def train_specs(args):
     return [("ARC-Easy", "train", {}), ("ARC-Challenge", "train", {}), ("GSM8K", "train", {}),
-            ("SmolTalk", "train", {"stop": args.smoltalk_size}), ("identity", None, {}), ("identity", None, {}),
+            ("SmolTalk", "train", {"stop": args.smoltalk_size}), *[("identity", None, {})] * args.identity_copies,
             ("SimpleSpelling", "train", {"size": args.spelling_size}),
             ("SpellingBee", "train", {"size": args.spelling_size})]
 
@@ -87,9 +90,10 @@ def main(argv=None):
 
     # -- data -----------------------------------------------------------------------------------------------------
     notes = []
-    if custom is not None:
-        train_ds = custom
-        val_ds = Conversations(custom.conversations[: max(1, min(len(custom) // 10, 500))], name="custom-val")
+    if custom is not None:   # 10% (at most 500) held out for the val loss, never trained on
+        train_ds, val_ds = hold_out(custom.conversations, "custom")
+        print0(f"custom data: training on {len(train_ds):,} conversations, "
+               + (f"{len(val_ds):,} held out for validation" if val_ds else "too few to hold any out: no val loss"))
     else:
         tasks, notes = ft.build_tasks(train_specs(args))
         if not tasks:

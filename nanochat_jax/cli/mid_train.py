@@ -37,6 +37,8 @@ def build_parser():
     p.add_argument("--device-batch-size", type=int, default=8, help="rows per device per micro-batch")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--packing", choices=("pack", "pad"), default="pack", help="best-fit packing or one per row")
+    p.add_argument("--identity-copies", type=int, default=2,
+                   help="copies of the identity conversations in the mixture (nanochat: 2)")
     p.add_argument("--spelling-size", type=int, default=200_000, help="SimpleSpelling items (SpellingBee: 80K)")
     p.add_argument("--smoltalk-size", type=int, default=None, help="cap SmolTalk conversations (default: all)")
     ft.add_optim_args(p, "mid")   # nanochat mid: constant, last 20% linear to 0
@@ -52,7 +54,7 @@ def train_specs(args):
     bee = max(1, round(args.spelling_size * 0.4))   # nanochat: 200K SimpleSpelling, 80K SpellingBee
     smol = {"stop": args.smoltalk_size} if args.smoltalk_size else {}
     return [("SmolTalk", "train", smol), ("MMLU", "train", {}), ("GSM8K", "train", {}),
-            ("identity", None, {}), ("identity", None, {}),
+            *[("identity", None, {})] * args.identity_copies,
             ("SimpleSpelling", "train", {"size": args.spelling_size}), ("SpellingBee", "train", {"size": bee})]
 
 

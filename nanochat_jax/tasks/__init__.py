@@ -7,8 +7,8 @@ baseline that ChatCORE centers against (0.25 for four-way multiple choice, 0 for
 from __future__ import annotations
 
 from nanochat_jax.core.common import UserError
-from nanochat_jax.tasks.chat import Conversations, CustomJSON, Identity, SmolTalk, identity_conversations, \
-    load_custom, validate_messages
+from nanochat_jax.tasks.chat import Conversations, CustomJSON, Identity, SmolTalk, hold_out, \
+    identity_conversations, load_custom, validate_messages
 from nanochat_jax.tasks.common import Task, TaskDataUnavailable, TaskMixture, extract_answer, render_mc
 from nanochat_jax.tasks.gsm8k import GSM8K
 from nanochat_jax.tasks.humaneval import HumanEval
@@ -72,5 +72,5 @@ def prefetch_all() -> list[str]:
 
 __all__ = ["Task", "TaskMixture", "TaskDataUnavailable", "ARC", "MMLU", "GSM8K", "HumanEval", "SmolTalk",
            "SpellingBee", "SimpleSpelling", "CustomJSON", "Identity", "Conversations", "identity_conversations",
-           "load_custom", "validate_messages", "extract_answer", "render_mc", "get_task", "resolve_task_names",
-           "prefetch_all", "EVAL_TASKS", "ALIASES"]
+           "hold_out", "load_custom", "validate_messages", "extract_answer", "render_mc", "get_task",
+           "resolve_task_names", "prefetch_all", "EVAL_TASKS", "ALIASES"]

@@ -9,6 +9,7 @@ Every conversation is validated before training starts; a bad one is refused wit
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from nanochat_jax.core.common import UserError
@@ -117,6 +118,19 @@ def load_custom(path) -> list[dict]:
     if not convs:
         raise UserError(f"custom data {p} holds no conversations")
     return convs
+
+
+def hold_out(conversations: list[dict], name: str, fraction: float = 0.1, most: int = 500, seed: int = 0):
+    """(train, val) `Conversations`: a random `fraction` of the conversations (at most `most`) held out for
+    validation and never trained on, so that the val loss measures generalization, not memory. val is None when
+    fewer than 1 / fraction conversations leave none to spare."""
+    n_val = min(int(len(conversations) * fraction), most)
+    if n_val == 0:
+        return Conversations(conversations, name=name), None
+    held = set(random.Random(seed).sample(range(len(conversations)), n_val))
+    train = [c for i, c in enumerate(conversations) if i not in held]
+    val = [conversations[i] for i in sorted(held)]
+    return Conversations(train, name=name), Conversations(val, name=f"{name}-val")
 
 
 def CustomJSON(path, **kw):
