@@ -74,3 +74,23 @@ def test_a_long_task_prints_its_progress(monkeypatch):
                                               QuickEngine, batch_size=2, log=lines.append, progress_every=0)
     assert [line.split(" (")[0] for line in lines[:-1]] == ["GSM8K: 2/5 problems", "GSM8K: 4/5 problems"]
     assert lines[-1].startswith("GSM8K: 0.0000 (0/5)") and results == {"GSM8K": 0.0}
+
+
+def test_humaneval_is_skipped_with_the_reason_where_there_is_no_sandbox(monkeypatch):
+    """Model-written code never runs unsandboxed: without bubblewrap HumanEval is reported skipped (with the
+    sandbox's own reason) before any generation, and the other tasks still run."""
+    from types import SimpleNamespace
+
+    from nanochat_jax.tasks.humaneval import HumanEval
+
+    def no_engine():
+        raise AssertionError("no generation may start for a task that cannot be scored")
+
+    monkeypatch.setattr(chat_eval, "sandbox_problem", lambda: "bwrap not found: apt-get install bubblewrap")
+    monkeypatch.setattr(chat_eval, "get_task", lambda name, split: HumanEval(rows=[]))
+    lines = []
+    results, notes = chat_eval.evaluate_tasks(["HumanEval"], None, None, SimpleNamespace(decode=lambda ids: ""),
+                                              no_engine, log=lines.append)
+    assert results == {"HumanEval": None}
+    assert notes["HumanEval"] == "skipped: no code sandbox (bwrap not found: apt-get install bubblewrap)"
+    assert lines == ["HumanEval: " + notes["HumanEval"]]

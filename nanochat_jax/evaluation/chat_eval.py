@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax import model as model_lib
+from nanochat_jax.infer.execution import sandbox_problem
 from nanochat_jax.tasks import TaskDataUnavailable, get_task
 
 PROGRESS_SECONDS = 30   # a task still running prints how far it got at most this often (GSM8K takes minutes)
@@ -125,6 +126,11 @@ def evaluate_tasks(task_names, params, config, tokenizer, engine_factory, max_pr
             task = get_task(name, split)
         except TaskDataUnavailable as e:
             results[name], notes[name] = None, f"skipped: data not available offline ({e})"
+            log(f"{name}: {notes[name]}")
+            continue
+        problem = sandbox_problem() if getattr(task, "needs_sandbox", False) else None
+        if problem:   # the task runs model-written code: without the sandbox it is skipped, never run unsandboxed
+            results[name], notes[name] = None, f"skipped: no code sandbox ({problem})"
             log(f"{name}: {notes[name]}")
             continue
         progress = progress_lines(name, log, progress_every)

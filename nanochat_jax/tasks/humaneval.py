@@ -31,6 +31,7 @@ def _rows():
 
 class HumanEval(Task):
     name = "HumanEval"
+    needs_sandbox = True   # evaluate() runs the completion in infer.execution's sandbox
 
     def __init__(self, rows=None, timeout=5.0, **kw):
         super().__init__(**kw)
