@@ -1,15 +1,15 @@
 """Helpers for the chat-stage tests (mid, SFT, RL, chat_eval, the chain): a tiny tokenizer, a tiny model, a tiny
-base checkpoint under a base dir, and a local HTTP server with fixture task data (404 for everything else)."""
+base checkpoint under a base dir, and a fake Hugging Face Hub with fixture task data (404 for everything else)."""
 
 from __future__ import annotations
 
 import functools
-import http.server
-import threading
+import io
 from pathlib import Path
 
 import jax
 
+from hubfake import FakeHub
 from nanochat_jax.tasks import identity_conversations
 from nanochat_jax.tasks.spelling import SpellingBee
 
@@ -61,32 +61,16 @@ def save_base_checkpoint(base_dir: Path, tokenizer, config, params, tag: str = "
     return out
 
 
-class FixtureHub:
-    """127.0.0.1 HTTP server over a directory laid out as <repo>/resolve/main/<path> (HF hub style)."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        handler = functools.partial(_Quiet, directory=str(self.root))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+class FixtureHub(FakeHub):
+    """A fake Hugging Face Hub on 127.0.0.1 (tests/hubfake.py; point HF_ENDPOINT at `url`) serving parquet files
+    added with `add_parquet`; every other file is a 404."""
 
     def add_parquet(self, repo: str, path: str, rows: list[dict]):
         import pyarrow as pa
         import pyarrow.parquet as pq
-        dest = self.root / "datasets" / repo / "resolve" / "main" / path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), dest)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        self.files[f"{repo}/{path}"] = buf.getvalue()
 
 
 def gsm8k_rows(n: int, offset: int = 0) -> list[dict]:

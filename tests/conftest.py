@@ -1,7 +1,8 @@
 """Test-session set-up shared by every test file.
 
 8 fake CPU devices (for the sharding tests; single-device code simply uses device 0), fp32 compute, a persistent
-compilation cache so reruns skip compiles, and a private base dir so tests never touch the user's cache.
+compilation cache so reruns skip compiles, and a private base dir and Hugging Face cache so tests never touch the
+user's caches.
 """
 
 import os
@@ -15,6 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 _CACHE = Path(os.environ.get("NANOCHAT_TEST_CACHE", Path(tempfile.gettempdir()) / "nanochat_jax_test_cache"))
 os.environ.setdefault("NANOCHAT_JAX_CACHE", str(_CACHE / "jax_cache"))
+os.environ.setdefault("HF_HUB_CACHE", str(_CACHE / "hf_hub"))  # never the user's Hugging Face cache
 
 import pytest  # noqa: E402
 
@@ -35,4 +37,5 @@ def base_dir(tmp_path, monkeypatch):
     d = tmp_path / "base"
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_hub"))  # and a private Hugging Face cache
     return d

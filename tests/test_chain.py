@@ -14,12 +14,12 @@ from tests.chat_fixtures import FixtureHub, arc_rows, gsm8k_rows, save_base_chec
 
 @pytest.fixture()
 def hub(tmp_path, monkeypatch):
-    h = FixtureHub(tmp_path / "hub")
+    h = FixtureHub()
     h.add_parquet("openai/gsm8k", "main/train-00000-of-00001.parquet", gsm8k_rows(40))
     h.add_parquet("openai/gsm8k", "main/test-00000-of-00001.parquet", gsm8k_rows(12, offset=100))
     for split, n in (("train", 40), ("test", 12)):
         h.add_parquet("allenai/ai2_arc", f"ARC-Easy/{split}-00000-of-00001.parquet", arc_rows(n))
-    monkeypatch.setenv("NANOCHAT_HF_URL", h.url)
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
     yield h
     h.close()
 

@@ -8,8 +8,8 @@ from tests.chat_fixtures import FixtureHub, tiny_config, tiny_tokenizer
 
 @pytest.fixture()
 def empty_hub(tmp_path, monkeypatch, base_dir):
-    h = FixtureHub(tmp_path / "hub")        # every file 404s: nothing downloadable
-    monkeypatch.setenv("NANOCHAT_HF_URL", h.url)
+    h = FixtureHub()                        # every file 404s: nothing downloadable
+    monkeypatch.setenv("HF_ENDPOINT", h.url)
     yield h
     h.close()
 

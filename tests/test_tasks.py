@@ -1,15 +1,14 @@
 """Facts about nanochat_jax.tasks: scoring, rendering, mixtures, custom data validation, data download."""
 
+import io
 import json
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from hubfake import FakeHub
 from nanochat_jax.core.common import UserError
-from nanochat_jax.tasks import (ARC, GSM8K, HumanEval, SimpleSpelling, SpellingBee, TaskMixture, extract_answer,
-                                get_task, load_custom, resolve_task_names)
+from nanochat_jax.tasks import (ARC, GSM8K, HumanEval, SimpleSpelling, SpellingBee, TaskDataUnavailable, TaskMixture,
+                                extract_answer, get_task, load_custom, resolve_task_names)
 from nanochat_jax.tasks.gsm8k import solution_parts
 from nanochat_jax.tasks.mc import MultipleChoice
 
@@ -145,35 +144,43 @@ def test_task_names():
         resolve_task_names("nope")
 
 
-# --- data download from a local server ------------------------------------------------------------------------------
+# --- data download from a fake Hugging Face Hub (tests/hubfake.py) -----------------------------------------------
 
 @pytest.fixture()
-def hub(tmp_path, monkeypatch, base_dir):
-    """A fake HF hub on 127.0.0.1 serving an ARC parquet export built here."""
+def hub(monkeypatch, base_dir):
+    """A fake Hub on 127.0.0.1 (HF_ENDPOINT) serving an ARC parquet export built here."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-    root = tmp_path / "hub"
-    d = root / "datasets" / "allenai" / "ai2_arc" / "resolve" / "main" / "ARC-Easy"
-    d.mkdir(parents=True)
     rows = [{"id": "q1", "question": "Which is a fruit?",
              "choices": {"text": ["rock", "apple", "car", "cloud"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
             {"id": "q2", "question": "Odd one?", "choices": {"text": ["1", "2", "3"], "label": ["1", "2", "3"]},
              "answerKey": "2"}]
-    pq.write_table(pa.Table.from_pylist(rows), d / "test-00000-of-00001.parquet")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(root)))
-    server.RequestHandlerClass.log_message = lambda *a: None
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("NANOCHAT_HF_URL", f"http://127.0.0.1:{server.server_port}")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    server = FakeHub({"ARC-Easy/test-00000-of-00001.parquet": buf.getvalue()})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("NANOCHAT_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     yield server
-    server.shutdown()
+    server.close()
 
 
-def test_arc_downloads_and_caches(hub, base_dir):
-    import nanochat_jax.data.download as download
-    assert hasattr(download, "download_file")
+def test_arc_downloads_through_huggingface_hub_and_caches(hub, base_dir, monkeypatch):
     task = ARC("ARC-Easy", "test")
     assert len(task) == 2
     assert task[0]["messages"][1]["content"] == "B"
     assert task[1]["letters"] == ["1", "2", "3"]
-    hub.shutdown()  # cached now: works without the server
+    assert hub.paths_requested("GET") == ["/datasets/allenai/ai2_arc/resolve/main/ARC-Easy/test-00000-of-00001.parquet"]
+    hub.close()  # cached now (the Hugging Face cache): works without the server, and offline
     assert len(get_task("ARC-Easy", "test")) == 2
+    monkeypatch.setenv("NANOCHAT_OFFLINE", "1")
+    assert len(get_task("ARC-Easy", "test")) == 2
+    with pytest.raises(TaskDataUnavailable, match="ARC-Challenge.*not in the cache, and offline"):
+        ARC("ARC-Challenge", "test")
+
+
+def test_missing_task_data_is_unavailable_at_once(hub):
+    with pytest.raises(TaskDataUnavailable, match="allenai/ai2_arc/ARC-Challenge/test-00000-of-00001.parquet: "
+                                                  "HTTP 404"):
+        ARC("ARC-Challenge", "test")
+    assert len(hub.requests) == 1    # a 404 is final: no retry

@@ -9,8 +9,10 @@
 
 Shards go to <base dir>/base_data/<dataset>/shard_NNNNN.parquet. `-n N` fetches the first N-1 shards for training
 plus the dataset's last shard (the validation split), so the split never moves when more shards are fetched later.
-Downloads are parallel (-w threads), retried with exponential backoff, resumed where they stopped, written to a
-temporary name and renamed when whole; shards already there are skipped.
+They come from the dataset's Hugging Face repo through huggingface_hub (HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE
+apply; task datasets land in the shared Hugging Face cache), or from a plain mirror (--base-url). Downloads are
+parallel (-w threads), retried with exponential backoff, resumed where they stopped and checked (a shard whose
+parquet footer does not read is fetched again); shards already there are skipped.
 """
 
 from nanochat_jax.data import download
@@ -30,8 +32,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
     p.add_argument("--dataset", default=None, choices=sorted(download.DATASETS),
                    help=f"shard set (default $NANOCHAT_DATASET or {download.DEFAULT_DATASET})")
-    p.add_argument("--base-url", default=None, help="where the shard files are (default $NANOCHAT_DATA_URL, else HF)")
-    p.add_argument("--retries", type=int, default=5, help="retries per file (exponential backoff)")
+    p.add_argument("--base-url", default=None,
+                   help="a plain mirror of the shard files (default $NANOCHAT_DATA_URL, else the Hugging Face Hub)")
+    p.add_argument("--retries", type=int, default=5,
+                   help="retries per file from a mirror, with exponential backoff (huggingface_hub retries its own)")
     p.add_argument("--eval-bundle", action="store_true", help="also fetch the CORE eval bundle")
     p.add_argument("--tasks", action="store_true", help="also fetch the task datasets (ARC, MMLU, GSM8K, ...)")
     p.add_argument("--no-shards", action="store_true", help="skip the shards (only --eval-bundle / --tasks)")

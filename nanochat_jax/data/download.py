@@ -1,11 +1,15 @@
-"""Downloads: one robust file fetcher, and the pretraining shard sets it fetches.
+"""Downloads: files of Hugging Face Hub repos, one robust URL fetcher, and the pretraining shard sets.
 
-`download_file` (stdlib only) fetches one URL atomically, resuming a partial file and retrying what is worth
-retrying; the pretraining shards, the CORE eval bundle and the task data all go through it.
+`hub_download` fetches one file of a Hub repo through huggingface_hub's `hf_hub_download`, so HF_TOKEN, HF_ENDPOINT,
+HF_HUB_OFFLINE and the shared cache work as everywhere else (the library also retries and resumes); around it we add
+what the library lacks: a content check (a file failing it is fetched again) and one-line errors. `download_file`
+(stdlib only) fetches a plain URL atomically, resuming and retrying: the CORE eval bundle and shard mirrors that are
+not a Hub go through it.
 
-The shard sets are nanochat's Hugging Face datasets (`DATASETS`): `shard_url`, `data_dir` (where they live),
-`shard_indices` (which ones `download_data -n` fetches), `download_shards` (in parallel), `list_shards` (those on
-disk, ours or nanochat's own layout) and `split_shards` (the last shard is validation).
+The shard sets are nanochat's Hugging Face datasets (`DATASETS`): `data_dir` (where they live), `shard_indices`
+(which ones `download_data -n` fetches), `download_shards` (in parallel, from the Hub, or from a mirror with
+`shard_url`), `list_shards` (those on disk, ours or nanochat's own layout) and `split_shards` (the last shard is
+validation).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import FileMetadataError, HfHubHTTPError, LocalEntryNotFoundError
 from tqdm import tqdm
 
 from nanochat_jax.core.common import UserError, get_base_dir, print0
@@ -121,6 +127,86 @@ def _verify(path: Path, sha256: str | None, size: int | None, check) -> str | No
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Files of Hugging Face Hub repos
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or NANOCHAT_OFFLINE=1, the CPU miniature's switch): cached files only, no network."""
+    return _env_true("HF_HUB_OFFLINE") or os.environ.get("NANOCHAT_OFFLINE") == "1"
+
+
+def _hub_failure(e: BaseException) -> str:
+    """What went wrong, in a few words, for an exception out of hf_hub_download. The library wraps the HTTP or
+    connection error as a cause, so the causes are searched; its transport library's exceptions (httpx, httpx2 in
+    huggingface_hub 2, httpcore) are recognised by module, as that library changes between versions."""
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    for x in chain:
+        if isinstance(x, HfHubHTTPError) and x.response is not None:
+            code = x.response.status_code
+            return f"HTTP {code}" + (" (a gated or private repo: set HF_TOKEN)" if code in (401, 403) else "")
+        if isinstance(x, FileMetadataError):  # answered, but not as a Hub does: HF_ENDPOINT points elsewhere
+            return f"{x}".split(". ")[0]
+        if isinstance(x, ConnectionError) or type(x).__module__.split(".")[0] in _TRANSPORT:
+            return f"cannot reach the Hub ({type(x).__name__}: {x})"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+_TRANSPORT = ("httpx", "httpx2", "httpcore")
+
+
+class _NoBar(tqdm):
+    """huggingface_hub's per-file progress bar, silenced (download_shards shows one bar over all shards)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True
+        super().__init__(*args, **kwargs)
+
+
+def hub_download(repo: str, filename: str, repo_type: str = "dataset", local_dir=None,
+                 check: Callable[[Path], None] | None = None, attempts: int = 3, timeout: float = 10.0,
+                 progress: bool = True) -> Path:
+    """Local path of `filename` in the Hub repo `repo`, downloaded by huggingface_hub's `hf_hub_download`.
+
+    Without `local_dir` the file lives in the shared Hugging Face cache (HF_HUB_CACHE / HF_HOME); with it, at
+    `local_dir/filename`. HF_TOKEN, HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE (or NANOCHAT_OFFLINE=1) apply;
+    the last three are read at each call, as huggingface_hub itself reads them only once, at import. The library
+    retries a Hub that cannot be reached or answers 5xx/408/429 (with backoff), resumes a dropped transfer and
+    answers from the cache when the Hub is down; what it does not do is done here: a file failing `check(path)`
+    (raise to say it is bad; the library checks only the size) is deleted and fetched again, up to `attempts`
+    downloads, and every failure is one DownloadError line.
+    """
+    offline = hub_offline()
+    kwargs = dict(repo_type=repo_type, local_dir=local_dir, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                  endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=offline, etag_timeout=timeout,
+                  tqdm_class=None if progress else _NoBar)
+    where = f"{repo}/{filename}"
+    for _ in range(attempts):
+        try:
+            path = Path(hf_hub_download(repo, filename, **kwargs))
+        except Exception as e:  # the library's errors (OSErrors, its transport's) become one line; others pass
+            if not isinstance(e, OSError) and type(e).__module__.split(".")[0] not in _TRANSPORT:
+                raise
+            if offline and isinstance(e, LocalEntryNotFoundError):
+                raise DownloadError(f"{where}: not in the cache, and offline (HF_HUB_OFFLINE or NANOCHAT_OFFLINE)"
+                                    ) from None
+            raise DownloadError(f"{where}: {_hub_failure(e)}") from None
+        problem = _verify(path, None, None, check)
+        if problem is None:
+            return path
+        if offline:
+            raise DownloadError(f"{where}: the cached file is corrupt ({problem}), and offline")
+        for p in {path.resolve(), path}:  # in the cache: the blob and the snapshot's link to it
+            p.unlink(missing_ok=True)
+    raise DownloadError(f"{where}: still corrupt after {attempts} downloads ({problem})")
+
+
 def check_parquet(path: Path):
     """Raise unless `path` is a parquet file whose footer reads and which has a `text` column."""
     import pyarrow.parquet as pq  # imported here: pyarrow is slow to import and only shard downloads need it
@@ -154,7 +240,8 @@ def _check_dataset(name: str) -> str:
 
 def shard_url(index: int, dataset: str | None = None, base_url: str | None = None) -> str:
     """URL of shard `index`: `<base>/shard_{index:05d}.parquet`, the base from the argument, `$NANOCHAT_DATA_URL`
-    (a mirror or a local server holding the shard files), or the dataset's HF address."""
+    (a mirror or a local server holding the shard files), or the dataset's address on the Hub (which
+    `download_shards` reaches through huggingface_hub instead)."""
     dataset = _check_dataset(dataset or default_dataset())
     base = base_url or os.environ.get("NANOCHAT_DATA_URL") or f"{HF_DATASETS}/{DATASETS[dataset][0]}/resolve/main"
     return f"{base.rstrip('/')}/shard_{index:05d}.parquet"
@@ -179,8 +266,14 @@ def shard_indices(n: int, dataset: str | None = None) -> list[int]:
 def download_shards(n: int, dataset: str | None = None, workers: int = 4, base_url: str | None = None,
                     retries: int = 5, backoff: float = 2.0, timeout: float = 60.0) -> list[Path]:
     """Fetch the shards of `shard_indices(n, dataset)` in parallel (threads), skipping those already there and
-    whole; shows a progress bar. Returns their paths. A 404 or exhausted retries: DownloadError after the rest."""
+    whole; shows a progress bar. Returns their paths. A 404 or exhausted retries: DownloadError after the rest.
+
+    From the dataset's Hub repo through `hub_download` (into `data_dir`, not the shared cache: the shards are big
+    and read from there), or, with `base_url` or $NANOCHAT_DATA_URL, from that plain mirror through `download_file`
+    (`retries` and `backoff` are its; huggingface_hub has its own).
+    """
     dataset = _check_dataset(dataset or default_dataset())
+    mirror = base_url or os.environ.get("NANOCHAT_DATA_URL")
     out = data_dir(dataset)
     indices = shard_indices(n, dataset)
     have = {p.name: p for p in list_shards(dataset)}   # incl. nanochat's layout: never fetched twice
@@ -191,10 +284,15 @@ def download_shards(n: int, dataset: str | None = None, workers: int = 4, base_u
                disable=not sys.stderr.isatty())
 
     def one(i):
-        if f"shard_{i:05d}.parquet" in have:
-            return have[f"shard_{i:05d}.parquet"]
-        path = download_file(shard_url(i, dataset, base_url), out / f"shard_{i:05d}.parquet", retries=retries,
-                             backoff=backoff, timeout=timeout, check=check_parquet)
+        name = f"shard_{i:05d}.parquet"
+        if name in have:
+            return have[name]
+        if mirror:
+            path = download_file(shard_url(i, dataset, mirror), out / name, retries=retries, backoff=backoff,
+                                 timeout=timeout, check=check_parquet)
+        else:
+            path = hub_download(DATASETS[dataset][0], name, local_dir=out, check=check_parquet, timeout=timeout,
+                                progress=False)
         bar.update(1)
         return path
 

@@ -1,5 +1,5 @@
 """What every task shares: the Task interface, multiple-choice rendering, answer extraction, mixtures, and fetching
-task data from the HF hub's parquet exports (cached, retried, base URL configurable).
+task data from the Hugging Face Hub's parquet exports (huggingface_hub's cache and settings, retried).
 
 A task is a list of conversations. `task[i]` is one conversation (nanochat's format: {"messages": [...]} plus
 task-specific fields); `task.evaluate(conversation, completion)` scores a model's completion of it (1 right, 0 wrong).
@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 import re
 from pathlib import Path
 
-from nanochat_jax.core.common import UserError, get_base_dir
-from nanochat_jax.data.download import download_file
-
-HF_URL_ENV = "NANOCHAT_HF_URL"  # a mirror, or a local server in the tests
-DEFAULT_HF_URL = "https://huggingface.co"
+from nanochat_jax.core.common import UserError
+from nanochat_jax.data.download import hub_download
 
 
 class TaskDataUnavailable(UserError):
@@ -108,28 +104,16 @@ def same_number(a: str | None, b: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Task data from the HF hub (parquet exports), cached under <base dir>/task_data
-
-def task_data_dir() -> Path:
-    return get_base_dir() / "task_data"
-
+# Task data from the Hugging Face Hub (parquet exports), in the shared Hugging Face cache
 
 def hf_file(repo: str, path: str) -> Path:
-    """Local copy of `datasets/<repo>/resolve/main/<path>`, downloaded once (retried, atomic) and cached."""
-    dest = task_data_dir() / repo / path
-    if dest.is_file():
-        return dest
-    if os.environ.get("NANOCHAT_OFFLINE") == "1":   # the CPU miniature: cached or packaged data only
-        raise TaskDataUnavailable(f"{repo}/{path}: not cached, and NANOCHAT_OFFLINE=1")
-    base = os.environ.get(HF_URL_ENV, DEFAULT_HF_URL).rstrip("/")
-    url = f"{base}/datasets/{repo}/resolve/main/{path}"
+    """Local copy of file `path` of the Hub dataset `repo`, through `hub_download` (HF_TOKEN, HF_ENDPOINT,
+    HF_HUB_OFFLINE and the shared cache apply; NANOCHAT_OFFLINE=1, the CPU miniature's switch, means cached or
+    packaged data only). TaskDataUnavailable (one line) when it is neither cached nor downloadable."""
     try:
-        download_file(url, dest)
+        return hub_download(repo, path)
     except UserError as e:
-        raise TaskDataUnavailable(f"{repo}/{path}: {e}") from None
-    except OSError as e:
-        raise TaskDataUnavailable(f"{repo}/{path}: cannot download ({e})") from None
-    return dest
+        raise TaskDataUnavailable(str(e)) from None
 
 
 def read_parquet_rows(path: Path) -> list[dict]:
