@@ -11,8 +11,10 @@ tokenizer_config.json with the chat template, generation_config.json). It holds 
 value embeddings, smear, backout and sliding windows have no counterpart there, so such a model is refused.
 --format nanochat writes nanochat's base-dir layout under --out (<phase>_checkpoints/<tag>/model_XXXXXX.pt +
 meta_XXXXXX.json, tokenizer/tokenizer.pkl + token_bytes.pt) for either recipe; `scripts.import_nanochat` reads it
-back. Neither needs torch. Tiny CPU example, after `python -m scripts.base_train --depth 2 ...`:
-`python -m scripts.export --source base --format nanochat --out /tmp/nanochat`.
+back. Neither needs torch.
+
+Tiny CPU example (after the CPU miniature's base_train, `bash run_speedrun.sh`):
+    python -m scripts.export --source base --model-tag d4-cpu --format nanochat --out /tmp/nanochat
 """
 
 import jax
