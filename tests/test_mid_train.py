@@ -27,6 +27,21 @@ def test_offline_mixture_keeps_identity_and_spelling_and_notes_the_rest(empty_hu
     assert [n.split("/")[0] for n in notes] == ["SmolTalk", "MMLU", "GSM8K"]
 
 
+def test_the_cpu_miniature_weighs_identity_enough_to_be_learned(empty_hub):
+    """configs/cpu.toml: 12 copies of the identity conversations in mid (19% of the offline mixture) and SFT (half);
+    nanochat's 2 were drowned by spelling and the model answered "Who are you?" with spelling-bee noise."""
+    from pathlib import Path
+    from nanochat_jax.cli import chat_sft, mid_train
+    from nanochat_jax.core.common import parse_args
+    preset = str(Path(__file__).resolve().parent.parent / "configs" / "cpu.toml")
+    for script, name in ((mid_train, "mid_train"), (chat_sft, "chat_sft")):
+        args = parse_args(script.build_parser(), name, ["--config", preset])
+        tasks, _ = ft.build_tasks(script.train_specs(args), log=lambda *a: None)
+        identity = sum(len(t) for t in tasks if t.name == "identity")
+        assert [t.name for t in tasks].count("identity") == 12
+        assert identity / sum(len(t) for t in tasks) > (0.15 if name == "mid_train" else 0.45), name
+
+
 def test_mid_lr_constant_then_linear_decay_and_momentum_warmup():
     from nanochat_jax import optim
     from nanochat_jax.cli import mid_train

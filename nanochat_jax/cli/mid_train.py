@@ -9,8 +9,9 @@ Tiny CPU example (after the miniature's base_train):
     python -m scripts.mid_train --device-batch-size 1 --max-seq-len 128 --num-iterations 20 --eval-every 10
 
 Mixture (nanochat): SmolTalk, MMLU auxiliary train, GSM8K train (calculator tool calls), the identity
-conversations twice, SpellingBee and SimpleSpelling. A task whose data cannot be had offline is skipped with a
-one-line note (the CPU miniature keeps identity and spelling, and whatever task data is cached). LR: the base
+conversations twice (--identity-copies), SpellingBee and SimpleSpelling. A task whose data cannot be had offline is
+skipped with a one-line note (the CPU miniature keeps identity and spelling, and whatever task data is cached; it
+takes 12 identity copies, else spelling drowns them and the model never learns who it is). LR: the base
 recipe's LRs, constant, then a linear decay to 0 over the last 20% of the steps; Muon momentum warms up as in
 pretraining. The loss is the masked conversation loss (train/step.py's one loss definition). Checkpoints go to
 <base>/checkpoints/mid/<tag>, curves to <base>/tensorboard/mid/<run>, a "Midtraining" section to the report.
