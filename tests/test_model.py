@@ -332,6 +332,7 @@ def test_cached_decode_2025_recipe():
     assert cache.k[0].shape == (2, 2, 64, 64) and cache.v[0].shape == (2, 2, 64, 64)   # (B, KV, D, T), (B, KV, T, D)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
 def test_cudnn_attention_matches_xla_with_windows_and_gqa():
     """On a GPU (run with JAX_PLATFORMS=cuda): the cuDNN flash path agrees with XLA's in bf16, windows and GQA."""
