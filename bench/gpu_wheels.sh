@@ -15,11 +15,11 @@ rm -rf "$DIR" && mkdir -p "$DIR"
 "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     --platform any -d "$DIR" grain array-record tensorboardX flask waitress
-# what the node already has (jax, flax, orbax, tensorboard and transformers bring these): not carried
-for name in numpy protobuf absl_py typing_extensions etils fsspec importlib_resources zipp werkzeug \
-            pyyaml packaging; do
-    rm -f "$DIR"/"$name"-*.whl
-done
+# numpy (jax's) is on the node and large: not carried; the small dependencies are, in case the node's are older
+# (pip installs only what is missing or unsatisfied)
+rm -f "$DIR"/numpy-*.whl
+# pip itself, run from its wheel where the node's Python has no pip module (a venv made without it)
+"$PY" -m pip download -q --only-binary=:all: --no-deps -d "$DIR" pip
 
 # our own wheel: the package and the bpe_rs extension
 MATURIN=$(command -v maturin || echo "$PY -m maturin")
