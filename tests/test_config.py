@@ -110,3 +110,15 @@ def test_describe_prints_everything_derived():
     for needle in ("recipe 2026", "width 256", "padded 512", "windows [128, 128, 128, 256]", "params total",
                    "FLOPs per token", "total batch size", "LR scales", "weight-decay scale"):
         assert needle in text, needle
+
+
+def test_a_preset_by_short_name_is_found_from_any_directory(tmp_path, monkeypatch):
+    """`--config d24` means configs/d24.toml: the checkout's, whatever the current directory; a configs/ folder in
+    the current directory comes first; an unknown name is one UserError line."""
+    monkeypatch.chdir(tmp_path)
+    assert common.load_preset("d24", "base_train")["depth"] == 24
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "d24.toml").write_text("[base_train]\ndepth = 7\n", encoding="utf-8")
+    assert common.load_preset("d24", "base_train")["depth"] == 7
+    with pytest.raises(common.UserError, match="preset nosuch not found"):
+        common.load_preset("nosuch", "base_train")

@@ -190,16 +190,20 @@ def _check_tables(data: dict, p: Path, section: str):
             raise UserError(f"preset {p}: unknown table [{name}]{hint}; known tables: {', '.join(known)}")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]   # the checkout holding nanochat_jax/ and configs/
+
+
 def load_preset(path: str | os.PathLike, section: str) -> dict:
     """The `[section]` table of a TOML preset, with keys normalised to argparse dests (dashes -> underscores).
     Every table of the file must be one of PRESET_TABLES (or `section`)."""
     p = Path(path)
     if not p.is_file():
-        # allow `--config d20` as a short name for configs/d20.toml
-        alt = Path(__file__).resolve().parent.parent / "configs" / f"{p.stem if p.suffix == '.toml' else p.name}.toml"
-        if not alt.is_file():
-            raise UserError(f"preset {path} not found")
-        p = alt
+        # `--config d20` is a short name for configs/d20.toml: in the current directory, else in the checkout's
+        name = f"{p.stem if p.suffix == '.toml' else p.name}.toml"
+        found = [d / name for d in (Path.cwd() / "configs", REPO_ROOT / "configs") if (d / name).is_file()]
+        if not found:
+            raise UserError(f"preset {path} not found (nor configs/{name} here or in {REPO_ROOT})")
+        p = found[0]
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
