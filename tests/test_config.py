@@ -122,3 +122,20 @@ def test_a_preset_by_short_name_is_found_from_any_directory(tmp_path, monkeypatc
     assert common.load_preset("d24", "base_train")["depth"] == 7
     with pytest.raises(common.UserError, match="preset nosuch not found"):
         common.load_preset("nosuch", "base_train")
+
+
+def test_an_output_directory_is_replaced_only_with_overwrite(tmp_path):
+    """Exports write into an empty directory: one that holds files is refused in one line unless overwrite empties
+    it; a file where the directory should be is refused too."""
+    out = tmp_path / "out"
+    assert common.clear_output_dir(out, overwrite=False) == out.resolve()     # missing: fine, the caller creates it
+    out.mkdir()
+    (out / "old.bin").write_bytes(b"x")
+    with pytest.raises(common.UserError, match="is not empty; pass --overwrite"):
+        common.clear_output_dir(out, overwrite=False)
+    assert (out / "old.bin").exists()
+    common.clear_output_dir(out, overwrite=True)
+    assert not out.exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(common.UserError, match="is a file"):
+        common.clear_output_dir(tmp_path / "f", overwrite=True)

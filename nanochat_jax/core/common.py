@@ -11,6 +11,7 @@ import argparse
 import difflib
 import functools
 import os
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -54,6 +55,20 @@ def process_index() -> int:
         except Exception:  # backend not initialised yet
             pass
     return int(os.environ.get("JAX_PROCESS_ID", os.environ.get("RANK", "0")))
+
+
+def clear_output_dir(path, overwrite: bool) -> Path:
+    """`path` resolved, emptied (on process 0) if it holds files and `overwrite` allows it, else one UserError line.
+    The caller creates it."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} is not empty; pass --overwrite to replace it")
+        if process_index() == 0:
+            shutil.rmtree(out)
+    return out
 
 
 def print0(*args, **kwargs):

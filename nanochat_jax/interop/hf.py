@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanochat_jax.core.common import UserError, process_index
+from nanochat_jax.core.common import UserError, clear_output_dir, process_index
 from nanochat_jax.core.config import ModelConfig
 from nanochat_jax.data.tokenizer import Tokenizer
 from nanochat_jax.interop.convert import to_nanochat
@@ -180,12 +180,7 @@ def hf_tokenizer_config(config: ModelConfig) -> dict:
 def export_hf(out_dir, params, config: ModelConfig, tokenizer: Tokenizer, overwrite: bool = False) -> Path:
     """Write the Transformers directory (see the module docstring); a non-empty `out_dir` only with `overwrite`."""
     check_hf_expressible(config)
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} is not empty; pass --overwrite to replace it")
-        if process_index() == 0:
-            shutil.rmtree(out)
+    out = clear_output_dir(out_dir, overwrite)
     if process_index() != 0:
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import tiktoken
 
-from nanochat_jax.core.common import UserError
+from nanochat_jax.core.common import UserError, clear_output_dir
 from nanochat_jax.core.config import ModelConfig
 from nanochat_jax.data.tokenizer import Tokenizer
 from nanochat_jax.interop.convert import from_nanochat, to_nanochat
@@ -158,11 +157,7 @@ def export_nanochat(out_dir, params, config: ModelConfig, tokenizer: Tokenizer, 
     """
     check_nanochat_expressible(config)
     base = Path(out_dir).expanduser().resolve()
-    ckpt = base / _STAGE_DIRS[stage] / model_tag
-    if ckpt.is_dir() and any(ckpt.iterdir()):
-        if not overwrite:
-            raise UserError(f"{ckpt} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(ckpt)
+    ckpt = clear_output_dir(base / _STAGE_DIRS[stage] / model_tag, overwrite)
     tok_pkl = base / "tokenizer" / "tokenizer.pkl"
     if tok_pkl.is_file() and not overwrite and read_tiktoken_pickle(tok_pkl).fingerprint() != tokenizer.fingerprint():
         raise UserError(f"{tok_pkl} holds another tokenizer; pass --overwrite to replace it")

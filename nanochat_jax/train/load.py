@@ -12,13 +12,12 @@ the fingerprint in the meta.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from nanochat_jax.core.common import UserError, get_base_dir, process_index
+from nanochat_jax.core.common import UserError, clear_output_dir, get_base_dir, process_index
 from nanochat_jax.core.config import ModelConfig
 from nanochat_jax.data.tokenizer import Tokenizer, get_tokenizer
 from nanochat_jax.train.checkpoint import (FORMAT, TOKENIZER_DIR, CheckpointManager, is_complete_step,
@@ -36,12 +35,7 @@ def export_weights(out_dir, params, config, tokenizer=None, meta: dict | None = 
                    overwrite: bool = False) -> Path:
     """Write params (cast to `dtype`; None keeps them), model config, meta and tokenizer files to `out_dir`."""
     ocp = orbax_checkpoint()
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out} is not empty; pass --overwrite to replace it")
-        if process_index() == 0:
-            shutil.rmtree(out)
+    out = clear_output_dir(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         dt = jnp.dtype(dtype)
