@@ -193,6 +193,15 @@ def test_corrupt_or_missing_tokenizer_dir(tok, tmp_path):
         Tokenizer.from_directory(tmp_path / "t")
 
 
+def test_a_tokenizer_saved_by_earlier_versions_still_loads(tok, tmp_path):
+    """The saved format tag is part of the on-disk contract: moving the module (it now lives in data/) must not
+    change it, or every tokenizer and checkpoint written before would be refused."""
+    tok.save(tmp_path / "t")
+    meta_path = tmp_path / "t" / "tokenizer.json"
+    assert json.loads(meta_path.read_text())["format"] == "nanochat_jax.tokenizer/1"
+    assert Tokenizer.from_directory(tmp_path / "t").fingerprint() == tok.fingerprint()
+
+
 def test_get_tokenizer_loads_from_base_dir(tok, base_dir):
     with pytest.raises(UserError, match="run `python -m scripts.tok_train` first"):
         get_tokenizer()

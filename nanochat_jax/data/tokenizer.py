@@ -44,7 +44,9 @@ SPECIAL_TOKENS = [
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|"""
                  r"""\s*[\r\n]|\s+(?!\S)|\s+""")
 
-FORMAT = "nanochat_jax.data.tokenizer/1"  # tokenizer.json's "format": bump if the saved layout changes
+# tokenizer.json's "format": a tag written into every saved tokenizer, not a module path (it names the module
+# where this format began); bump the number if the saved layout changes
+FORMAT = "nanochat_jax.tokenizer/1"
 RANKS_FILE = "mergeable_ranks.tiktoken"  # tiktoken's own format: one "base64(bytes) rank" per line
 META_FILE = "tokenizer.json"
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
