@@ -17,6 +17,7 @@ os.environ.setdefault("NANOCHAT_DTYPE", "float32")
 _CACHE = Path(os.environ.get("NANOCHAT_TEST_CACHE", Path(tempfile.gettempdir()) / "nanochat_jax_test_cache"))
 os.environ.setdefault("NANOCHAT_JAX_CACHE", str(_CACHE / "jax_cache"))
 os.environ.setdefault("HF_HUB_CACHE", str(_CACHE / "hf_hub"))  # never the user's Hugging Face cache
+os.environ.setdefault("NANOCHAT_KERNEL_CACHE", str(_CACHE / "kernels"))
 
 import pytest  # noqa: E402
 

@@ -11,7 +11,7 @@ from helpers import load_ref, max_rel, ref_state_dict
 from nanochat_jax.core import common
 from nanochat_jax.interop import convert
 from nanochat_jax import model
-from nanochat_jax.model import kernels_cpu
+from nanochat_jax.model import attention_cpu, kernels_cpu
 from nanochat_jax.core.config import ModelConfig, flops_per_token, num_params
 
 FIXTURES = ["orig_d2", "head_d4", "head_d4_gqa", "head_d6_gqa2"]
@@ -178,9 +178,10 @@ def test_softcap_xent_values_and_grads_equal_autodiff_of_the_plain_loss(vocab, p
 
 
 def test_blocked_causal_attention_equals_sdpa_values_and_grads_with_gqa(monkeypatch):
-    """On CPU a full causal layer (T a multiple of 4 blocks of >= 64) runs as query blocks over their key prefixes,
+    """Without the C++ kernel, on CPU a full causal layer (T a multiple of 4 blocks of >= 64) runs as query blocks over their key prefixes,
     with its own softmax gradient: the same attention as jax.nn.dot_product_attention, forward and backward."""
     config = ModelConfig.from_depth(2, d_model=128, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    monkeypatch.setattr(attention_cpu, "available", lambda: False)   # the path where the C++ kernel cannot be built
     calls = []
     real = kernels_cpu.blocked_causal_attention
     monkeypatch.setattr(kernels_cpu, "blocked_causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))

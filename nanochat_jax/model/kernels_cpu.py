@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanochat_jax.core.config import ModelConfig
+from nanochat_jax.model import attention_cpu
 from nanochat_jax.model.ops import F32, SOFTCAP, attention_impl, attn_scale, sdpa, softcap
 
 
@@ -65,6 +66,8 @@ def causal_attention(q, k, v, window: int, config: ModelConfig):
     T = q.shape[1]
     local = (window, 0) if window < T - 1 else None
     on_cpu_xla = attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"
+    if on_cpu_xla and attention_cpu.supports(q, k) and attention_cpu.available():
+        return attention_cpu.attention(q, k, v, attn_scale(config), min(window, T))
     if local is not None and T % window == 0 and on_cpu_xla:
         return banded_attention(q, k, v, window, config)
     if local is None and on_cpu_xla and q.dtype == F32 and T % CAUSAL_BLOCKS == 0 and T >= 64 * CAUSAL_BLOCKS:

@@ -1,0 +1,116 @@
+"""Fused causal attention on CPU: the C++ kernel in csrc/attention_cpu.cc behind jax.ffi, with its own backward pass.
+
+XLA:CPU computes attention as batched matmuls and elementwise passes over (B, H, T, T) scores in DRAM, at a
+fraction of the machine's matmul rate; the kernel keeps each query block's scores in cache and skips the key blocks
+a query cannot see (bench/RESULTS.md has the measurements). It is built on first use with the system's C++ compiler
+($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU (-march=native), and cached under
+$NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the source, jaxlib's version and the CPU.
+Where it cannot be built, `available()` is False, one warning says why, and the XLA path runs instead.
+NANOCHAT_CPU_ATTENTION=0 turns it off."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.cc"
+BLOCK = 64          # the kernel's query/key block: T must be a multiple
+HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
+_TARGETS = ("nanochat_attention_fwd", "nanochat_attention_bwd")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags (a cache shared by machines keeps one build each)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    """The compiled kernel library, built now if the cache has none for this source, jaxlib and CPU."""
+    cxx = os.environ.get("CXX", "g++")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, cxx, *flags, _cpu_id()]).encode())
+    cache = Path(os.environ.get("NANOCHAT_KERNEL_CACHE") or Path.home() / ".cache" / "nanochat_jax" / "kernels")
+    lib = cache / f"attention_cpu-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        os.replace(out, lib)       # atomic: a concurrent process sees the whole library or none
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """True once the kernel is built, loaded and registered with XLA for the CPU; False (with one warning) where it
+    cannot be, or when NANOCHAT_CPU_ATTENTION=0."""
+    if os.environ.get("NANOCHAT_CPU_ATTENTION", "1").strip() == "0":
+        return False
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        for name, symbol in zip(_TARGETS, ("NanochatAttentionForward", "NanochatAttentionBackward")):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError, FileNotFoundError) as e:
+        print(f"nanochat_jax: the fused CPU attention kernel is unavailable ({e}); attention runs through XLA "
+              "instead (slower). Install a C++ compiler (g++) to enable it.", file=sys.stderr)
+        return False
+    return True
+
+
+def supports(q, k) -> bool:
+    """Whether the kernel takes these shapes: fp32, T a multiple of 64, head dim a multiple of 32."""
+    T, D = q.shape[1], q.shape[3]
+    return (q.dtype == jnp.float32 and k.dtype == jnp.float32 and T % BLOCK == 0 and D % HEAD_MULTIPLE == 0
+            and q.shape[2] % k.shape[2] == 0 and k.shape[1] == T)
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _attrs(scale: float, window: int) -> dict:
+    if not available():
+        raise RuntimeError("the fused CPU attention kernel is unavailable (see the warning above)")
+    return {"scale": np.float32(scale), "window": np.int64(window), "threads": np.int64(_threads())}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def attention(q, k, v, scale: float, window: int):
+    """softmax(q k^T * scale) v over keys i - window .. i for query i; q (B, T, H, D), k and v (B, T, KV, D), fp32.
+    window >= T - 1 is full causal attention."""
+    return _forward(q, k, v, scale, window)[0]
+
+
+def _forward(q, k, v, scale, window):
+    B, T, H, _ = q.shape
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    o, lse = jax.ffi.ffi_call(_TARGETS[0], out)(q, k, v, **_attrs(scale, window))
+    return o, (q, k, v, o, lse)
+
+
+def _backward(scale, window, res, g):
+    q, k, v, o, lse = res
+    out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    return jax.ffi.ffi_call(_TARGETS[1], out)(q, k, v, o, lse, g.astype(jnp.float32), **_attrs(scale, window))
+
+
+attention.defvjp(_forward, _backward)

@@ -1,0 +1,299 @@
+// Fused causal attention for XLA:CPU in fp32, forward and backward, called through the XLA FFI
+// (nanochat_jax/model/attention_cpu.py builds this file with the system's C++ compiler and registers it).
+//
+// Why: XLA:CPU runs attention as separate batched matmuls and elementwise passes over (B, H, T, T) score arrays that
+// live in DRAM; here each (batch, kv head) is one work item whose per-query-block scores (64 x keys) stay in the
+// core's L2 cache, the products run through a register-blocked SIMD micro-kernel, and key blocks a query block
+// cannot see (causal order, sliding window) are skipped. The backward pass recomputes the probabilities from the
+// saved log-sum-exp (FlashAttention-2's recipe, without the online softmax: a 64-row block's whole key range fits
+// in L2 at the sequence lengths this CPU path serves).
+//
+// Layouts (row-major): q, o, dq (B, T, H, D); k, v, dk, dv (B, T, KV, D); lse (B, H, T). Query head h reads kv
+// head h / (H / KV) (grouped-query attention). Query i sees keys j with i - window <= j <= i. Requirements, checked
+// in Python: T % 64 == 0, D % 32 == 0.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int W = 16;   // floats per SIMD vector
+constexpr int MR = 8;   // micro-kernel rows: 2 x MR accumulators + 2 B vectors of 32 registers
+#else
+constexpr int W = 8;
+constexpr int MR = 4;   // 2 x 4 accumulators + 2 B vectors + 1 broadcast of 16 registers
+#endif
+constexpr int NR = 2 * W;  // micro-kernel columns
+constexpr int BQ = 64;     // query rows per block; key ranges are multiples of 64 too
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+
+inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
+
+// exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
+// bits, e^r by Cephes' degree-6 polynomial (relative error ~1e-7). Inputs below -87 are clamped (e^-87 ~ 1.6e-38,
+// far below the row sum's rounding); masked positions never reach it.
+inline vf vexp(vf x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;   // round to nearest (2^23 + 2^22 trick)
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale; std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+// C (MR x NR) (+)= A (MR x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r].
+template <bool AT>
+inline void micro(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int k, bool acc) {
+  vf c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = acc ? load(C + r * ldc) : vf{};
+    c1[r] = acc ? load(C + r * ldc + W) : vf{};
+  }
+  for (int p = 0; p < k; ++p) {
+    const vf b0 = load(B + p * ldb), b1 = load(B + p * ldb + W);
+    for (int r = 0; r < MR; ++r) {
+      const float a = AT ? A[p * lda + r] : A[r * lda + p];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
+}
+
+// C (m x n) = A (m x k) B (k x n), or += with acc. m % MR == 0, n % NR == 0.
+void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k, bool acc) {
+  for (int i = 0; i < m; i += MR)
+    for (int j = 0; j < n; j += NR) micro<false>(A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, k, acc);
+}
+
+// C (n x d) += A^T B for A (m x n), B (m x d). n % MR == 0, d % NR == 0.
+void gemm_tn(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int d) {
+  for (int i = 0; i < n; i += MR)
+    for (int j = 0; j < d; j += NR) micro<true>(A + i, lda, B + j, ldb, C + i * ldc + j, ldc, m, true);
+}
+
+struct Shape {
+  int64_t B, T, H, KV, D, window;
+  float scale;
+  int64_t G() const { return H / KV; }
+  // the key range [ks, ke) a query block starting at row r0 reads: multiples of 64
+  int64_t ks(int64_t r0) const { return window >= T ? 0 : std::max<int64_t>(0, (r0 - window) / BQ * BQ); }
+};
+
+// Gathers rows t of head h from a (B, T, N, D) array into a contiguous (T, D) one, and back.
+void gather(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, int64_t N) {
+  for (int64_t t = 0; t < s.T; ++t) std::memcpy(dst + t * s.D, src + ((b * s.T + t) * N + h) * s.D, s.D * 4);
+}
+void scatter(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, int64_t N) {
+  for (int64_t t = 0; t < s.T; ++t) std::memcpy(dst + ((b * s.T + t) * N + h) * s.D, src + t * s.D, s.D * 4);
+}
+void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {   // (rows, cols) -> (cols, rows)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+// Row i of a block (absolute position pos) over keys [ks, ke): the valid columns are lo..hi.
+struct Row {
+  int64_t lo, hi;
+  Row(const Shape& s, int64_t pos) : lo(std::max<int64_t>(0, pos - s.window)), hi(pos) {}
+};
+
+inline vi iota() { vi v; for (int i = 0; i < W; ++i) v[i] = i; return v; }
+
+// Softmax numerator of one score row in place (s covers keys ks..ke): e^(scale s - m) on the valid columns, 0
+// elsewhere; returns the row's log-sum-exp and writes 1 / sum to inv.
+float softmax_row(float* s, int64_t ks, int64_t ke, const Row& row, float scale, float* inv) {
+  const vi lane = iota();
+  vf mx = splat(-INFINITY);
+  for (int64_t j = ks; j < ke; j += W) {
+    const vi col = lane + (int32_t)j;
+    const vf x = load(s + (j - ks)) * scale;
+    mx = (col >= (int32_t)row.lo) & (col <= (int32_t)row.hi) & (x > mx) ? x : mx;
+  }
+  const float m = hmax(mx);
+  vf sum = vf{};
+  for (int64_t j = ks; j < ke; j += W) {
+    const vi col = lane + (int32_t)j;
+    const vf e = vexp(load(s + (j - ks)) * scale - m);
+    const vf p = (col >= (int32_t)row.lo) & (col <= (int32_t)row.hi) ? e : vf{};
+    store(s + (j - ks), p);
+    sum += p;
+  }
+  const float l = hsum(sum);
+  *inv = 1.f / l;
+  return m + std::log(l);
+}
+
+// The probabilities of one score row in place from its saved log-sum-exp.
+void probs_row(float* s, int64_t ks, int64_t ke, const Row& row, float scale, float lse) {
+  const vi lane = iota();
+  for (int64_t j = ks; j < ke; j += W) {
+    const vi col = lane + (int32_t)j;
+    const vf e = vexp(load(s + (j - ks)) * scale - lse);
+    store(s + (j - ks), (col >= (int32_t)row.lo) & (col <= (int32_t)row.hi) ? e : vf{});
+  }
+}
+
+// Runs fn(item) for item in [0, n) on `threads` threads (the caller's included), items handed out one by one.
+template <class F>
+void parallel_for(int64_t n, int64_t threads, F fn) {
+  std::atomic<int64_t> next{0};
+  auto work = [&] { for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i); };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < std::min(threads, n); ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+void forward(const Shape& s, const float* q, const float* k, const float* v, float* o, float* lse, int64_t threads) {
+  const int64_t T = s.T, D = s.D;
+  parallel_for(s.B * s.KV, threads, [&](int64_t item) {
+    const int64_t b = item / s.KV, n = item % s.KV;
+    std::vector<float> kc(T * D), kt(D * T), vc(T * D), qc(T * D), oc(T * D), sc(BQ * T), inv(BQ);
+    gather(k, kc.data(), s, b, n, s.KV);
+    gather(v, vc.data(), s, b, n, s.KV);
+    transpose(kc.data(), kt.data(), T, D);
+    for (int64_t h = n * s.G(); h < (n + 1) * s.G(); ++h) {
+      gather(q, qc.data(), s, b, h, s.H);
+      float* lse_h = lse + (b * s.H + h) * T;
+      for (int64_t r0 = 0; r0 < T; r0 += BQ) {
+        const int64_t ks = s.ks(r0), ke = r0 + BQ, nk = ke - ks;
+        gemm(qc.data() + r0 * D, D, kt.data() + ks, T, sc.data(), T, BQ, nk, D, false);     // scores
+        for (int64_t i = 0; i < BQ; ++i)
+          lse_h[r0 + i] = softmax_row(sc.data() + i * T, ks, ke, Row(s, r0 + i), s.scale, &inv[i]);
+        float* out = oc.data() + r0 * D;
+        gemm(sc.data(), T, vc.data() + ks * D, D, out, D, BQ, D, nk, false);                  // P V
+        for (int64_t i = 0; i < BQ; ++i)
+          for (int64_t d = 0; d < D; d += W) store(out + i * D + d, load(out + i * D + d) * inv[i]);
+      }
+      scatter(oc.data(), o, s, b, h, s.H);
+    }
+  });
+}
+
+void backward(const Shape& s, const float* q, const float* k, const float* v, const float* o, const float* lse,
+              const float* dout, float* dq, float* dk, float* dv, int64_t threads) {
+  const int64_t T = s.T, D = s.D;
+  parallel_for(s.B * s.KV, threads, [&](int64_t item) {
+    const int64_t b = item / s.KV, n = item % s.KV;
+    std::vector<float> kc(T * D), kt(D * T), vt(D * T), tmp(T * D), qc(T * D), doc(T * D), dqc(T * D),
+        dkc(T * D, 0.f), dvc(T * D, 0.f), pc(BQ * T), dpc(BQ * T), delta(T);
+    gather(k, kc.data(), s, b, n, s.KV);
+    transpose(kc.data(), kt.data(), T, D);
+    gather(v, tmp.data(), s, b, n, s.KV);
+    transpose(tmp.data(), vt.data(), T, D);
+    for (int64_t h = n * s.G(); h < (n + 1) * s.G(); ++h) {
+      gather(q, qc.data(), s, b, h, s.H);
+      gather(dout, doc.data(), s, b, h, s.H);
+      gather(o, tmp.data(), s, b, h, s.H);
+      for (int64_t t = 0; t < T; ++t) {     // delta_i = dO_i . O_i, the softmax backward's row term
+        vf acc = vf{};
+        for (int64_t d = 0; d < D; d += W) acc += load(doc.data() + t * D + d) * load(tmp.data() + t * D + d);
+        delta[t] = hsum(acc);
+      }
+      const float* lse_h = lse + (b * s.H + h) * T;
+      for (int64_t r0 = 0; r0 < T; r0 += BQ) {
+        const int64_t ks = s.ks(r0), ke = r0 + BQ, nk = ke - ks;
+        const float* qb = qc.data() + r0 * D;
+        const float* dob = doc.data() + r0 * D;
+        gemm(qb, D, kt.data() + ks, T, pc.data(), T, BQ, nk, D, false);                       // scores
+        for (int64_t i = 0; i < BQ; ++i) probs_row(pc.data() + i * T, ks, ke, Row(s, r0 + i), s.scale, lse_h[r0 + i]);
+        gemm_tn(pc.data(), T, dob, D, dvc.data() + ks * D, D, BQ, nk, D);                     // dV += P^T dO
+        gemm(dob, D, vt.data() + ks, T, dpc.data(), T, BQ, nk, D, false);                     // dP = dO V^T
+        for (int64_t i = 0; i < BQ; ++i) {                                                     // dS = P (dP - delta)
+          float* p = pc.data() + i * T;
+          const float* dp = dpc.data() + i * T;
+          const vf di = splat(delta[r0 + i]);
+          for (int64_t j = 0; j < nk; j += W) store(p + j, load(p + j) * (load(dp + j) - di) * s.scale);
+        }
+        gemm(pc.data(), T, kc.data() + ks * D, D, dqc.data() + r0 * D, D, BQ, D, nk, false);  // dQ = dS K
+        gemm_tn(pc.data(), T, qb, D, dkc.data() + ks * D, D, BQ, nk, D);                      // dK += dS^T Q
+      }
+      scatter(dqc.data(), dq, s, b, h, s.H);
+    }
+    scatter(dkc.data(), dk, s, b, n, s.KV);
+    scatter(dvc.data(), dv, s, b, n, s.KV);
+  });
+}
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, float scale, int64_t window) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return Shape{qd[0], qd[1], qd[2], kd[2], qd[3], window, scale};
+}
+
+ffi::Error check(const Shape& s) {
+  if (s.T % BQ || s.D % NR || s.H % s.KV)
+    return ffi::Error::InvalidArgument("attention_cpu: needs T % 64 == 0, head dim % 32 == 0, H % KV == 0");
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                            int64_t window, int64_t threads) {
+  const Shape s = shape_of(q, k, scale, window);
+  if (auto err = check(s); err.failure()) return err;
+  forward(s, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data(), threads);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, int64_t threads) {
+  const Shape s = shape_of(q, k, scale, window);
+  if (auto err = check(s); err.failure()) return err;
+  backward(s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
+           dq->typed_data(), dk->typed_data(), dv->typed_data(), threads);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("threads"));
