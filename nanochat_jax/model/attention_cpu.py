@@ -83,14 +83,10 @@ def supports(q, k) -> bool:
             and q.shape[2] % k.shape[2] == 0 and k.shape[1] == T)
 
 
-def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _attrs(scale: float, window: int) -> dict:
     if not available():
         raise RuntimeError("the fused CPU attention kernel is unavailable (see the warning above)")
-    return {"scale": np.float32(scale), "window": np.int64(window), "threads": np.int64(_threads())}
+    return {"scale": np.float32(scale), "window": np.int64(window)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

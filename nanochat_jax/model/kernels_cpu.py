@@ -2,7 +2,8 @@
 
 Each computes exactly what the plain formula does (tests/test_model.py checks values and gradients against it) and
 takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs,
-causal attention in query blocks that skip the masked-out half of the scores, short windows as bands, and a
+causal attention through the fused C++ kernel of attention_cpu (or, where no compiler built it, in query blocks that
+skip the masked-out half of the scores, short windows as bands), and a
 softcapped cross-entropy with a hand-written gradient that keeps no extra (tokens, vocab) arrays. On GPU the plain
 paths run (cuDNN attention where it applies)."""
 
@@ -62,7 +63,9 @@ _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 def causal_attention(q, k, v, window: int, config: ModelConfig):
-    """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups."""
+    """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups.
+    On XLA:CPU in fp32 the fused C++ kernel (attention_cpu) runs where it is built and the shapes allow; else short
+    windows run as bands and full attention as query blocks over their key prefixes; elsewhere plain sdpa."""
     T = q.shape[1]
     local = (window, 0) if window < T - 1 else None
     on_cpu_xla = attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"

@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -157,20 +159,25 @@ void probs_row(float* s, int64_t ks, int64_t ke, const Row& row, float scale, fl
   }
 }
 
-// Runs fn(item) for item in [0, n) on `threads` threads (the caller's included), items handed out one by one.
+// Runs fn(item) for item in [0, n) on XLA's intra-op thread pool and the calling thread, items handed out one by
+// one; returns when every item is done. A pool task that starts late finds no item left and touches only `job`.
 template <class F>
-void parallel_for(int64_t n, int64_t threads, F fn) {
-  std::atomic<int64_t> next{0};
-  auto work = [&] { for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i); };
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < std::min(threads, n); ++t) pool.emplace_back(work);
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
+  struct Job { std::atomic<int64_t> next{0}, done{0}; };
+  auto job = std::make_shared<Job>();
+  std::function<void(int64_t)> body = fn;
+  auto work = [job, n, &body] {
+    for (int64_t i; (i = job->next.fetch_add(1)) < n;) { body(i); job->done.fetch_add(1); }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, n, work] { work(); });
   work();
-  for (auto& t : pool) t.join();
+  while (job->done.load() < n) std::this_thread::yield();
 }
 
-void forward(const Shape& s, const float* q, const float* k, const float* v, float* o, float* lse, int64_t threads) {
+void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v, float* o, float* lse) {
   const int64_t T = s.T, D = s.D;
-  parallel_for(s.B * s.KV, threads, [&](int64_t item) {
+  parallel_for(pool, s.B * s.KV, [&](int64_t item) {
     const int64_t b = item / s.KV, n = item % s.KV;
     std::vector<float> kc(T * D), kt(D * T), vc(T * D), qc(T * D), oc(T * D), sc(BQ * T), inv(BQ);
     gather(k, kc.data(), s, b, n, s.KV);
@@ -194,10 +201,10 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, flo
   });
 }
 
-void backward(const Shape& s, const float* q, const float* k, const float* v, const float* o, const float* lse,
-              const float* dout, float* dq, float* dk, float* dv, int64_t threads) {
+void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v, const float* o, const float* lse,
+              const float* dout, float* dq, float* dk, float* dv) {
   const int64_t T = s.T, D = s.D;
-  parallel_for(s.B * s.KV, threads, [&](int64_t item) {
+  parallel_for(pool, s.B * s.KV, [&](int64_t item) {
     const int64_t b = item / s.KV, n = item % s.KV;
     std::vector<float> kc(T * D), kt(D * T), vt(D * T), tmp(T * D), qc(T * D), doc(T * D), dqc(T * D),
         dkc(T * D, 0.f), dvc(T * D, 0.f), pc(BQ * T), dpc(BQ * T), delta(T);
@@ -250,23 +257,23 @@ ffi::Error check(const Shape& s) {
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionForward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                             ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, float scale,
-                            int64_t window, int64_t threads) {
+                            int64_t window) {
   const Shape s = shape_of(q, k, scale, window);
   if (auto err = check(s); err.failure()) return err;
-  forward(s, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data(), threads);
+  forward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                              ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, int64_t threads) {
+                             ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window) {
   const Shape s = shape_of(q, k, scale, window);
   if (auto err = check(s); err.failure()) return err;
-  backward(s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
-           dq->typed_data(), dk->typed_data(), dv->typed_data(), threads);
+  backward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
+           dq->typed_data(), dk->typed_data(), dv->typed_data());
   return ffi::Error::Success();
 }
 
@@ -274,17 +281,18 @@ ffi::Error AttentionBackward(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, f
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("window"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -295,5 +303,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("window"));
