@@ -9,7 +9,7 @@ import pytest
 from helpers import max_rel
 from nanochat_jax import model
 from nanochat_jax.core.config import ModelConfig
-from nanochat_jax.model import attention_cpu, kernels_cpu
+from nanochat_jax.model import attention_cpu, kernels_cpu, ops
 
 pytestmark = pytest.mark.skipif(not attention_cpu.available(), reason="no C++ compiler to build the kernel")
 
@@ -119,3 +119,28 @@ def test_switched_off_by_the_environment(monkeypatch):
     finally:
         monkeypatch.undo()
         attention_cpu.available.cache_clear()
+
+
+@pytest.mark.parametrize("B,t,H,KV,D,S", [(3, 1, 4, 4, 64, 77), (2, 5, 6, 2, 32, 160), (1, 1, 8, 8, 128, 40)])
+def test_cached_kernel_equals_plain_cached_attention(B, t, H, KV, D, S):
+    """Over a cache, with ragged rows (different filled lengths), windows and several new queries per row."""
+    ks = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(ks[0], (B, t, H, D))
+    k = jax.random.normal(ks[1], (B, KV, D, S))
+    v = jax.random.normal(ks[2], (B, KV, S, D))
+    pos = np.minimum(S - t, np.arange(B) * 13 + 7)[:, None] + np.arange(t)[None, :]     # (B, t) positions
+    window = np.array([S, 9, S])[:B, None, None]
+    delta = pos[:, :, None] - np.arange(S)[None, None, :]
+    mask = jnp.asarray((delta >= 0) & (delta <= window))
+    scale = 0.3
+    ours = attention_cpu.cached_attention(q, k, v, mask, scale)
+    plain = ops.cached_attention(q, k, v, mask, scale)
+    assert max_rel(np.asarray(ours), np.asarray(plain)) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(kernels_cpu.cached_attention(q, k, v, mask, scale)), np.asarray(ours))
+
+
+def test_cached_kernel_gives_zeros_to_a_row_that_sees_nothing():
+    q, k, v = jnp.ones((2, 1, 2, 32)), jnp.ones((2, 2, 32, 16)), jnp.ones((2, 2, 16, 32))
+    mask = jnp.zeros((2, 1, 16), bool).at[0, 0, :3].set(True)
+    y = np.asarray(attention_cpu.cached_attention(q, k, v, mask, 1.0))
+    assert np.all(y[1] == 0.0) and np.allclose(y[0], 1.0)

@@ -27,7 +27,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.cc"
 BLOCK = 64          # the kernel's query/key block: T must be a multiple
 HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
-_TARGETS = ("nanochat_attention_fwd", "nanochat_attention_bwd")
+_TARGETS = ("nanochat_attention_fwd", "nanochat_attention_bwd", "nanochat_cached_attention")
 
 
 def _cpu_id() -> str:
@@ -67,7 +67,8 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.CDLL(str(_build()))
-        for name, symbol in zip(_TARGETS, ("NanochatAttentionForward", "NanochatAttentionBackward")):
+        for name, symbol in zip(_TARGETS, ("NanochatAttentionForward", "NanochatAttentionBackward",
+                                               "NanochatCachedAttention")):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, FileNotFoundError) as e:
         print(f"nanochat_jax: the fused CPU attention kernel is unavailable ({e}); attention runs through XLA "
@@ -110,3 +111,19 @@ def _backward(scale, window, res, g):
 
 
 attention.defvjp(_forward, _backward)
+
+
+def supports_cache(q, k, v) -> bool:
+    """Whether cached_attention takes these arrays: fp32 queries and cache, head dim a multiple of 16 up to 256."""
+    D = q.shape[-1]
+    return all(a.dtype == jnp.float32 for a in (q, k, v)) and D % 16 == 0 and D <= 256 and q.shape[2] % k.shape[1] == 0
+
+
+def cached_attention(q, k, v, mask, scale: float):
+    """ops.cached_attention in one kernel call: q (B, t, H, D) over keys (B, KV, D, S) and values (B, KV, S, D)
+    where mask (B, t, S) is set, reading each row's visible span only; a row that sees no key gets zeros.
+    Inference only (no gradient)."""
+    if not available():
+        raise RuntimeError("the fused CPU attention kernel is unavailable (see the warning above)")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(_TARGETS[2], out)(q, k, v, mask.astype(jnp.bool_), scale=np.float32(scale))

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from nanochat_jax.core.common import compute_dtype
 from nanochat_jax.core.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig
-from nanochat_jax.model.kernels_cpu import causal_attention, linear, softcap_xent
-from nanochat_jax.model.ops import F32, apply_rotary, attn_scale, cached_attention, rms_norm, rotary_tables, softcap
+from nanochat_jax.model.kernels_cpu import cached_attention, causal_attention, linear, softcap_xent
+from nanochat_jax.model.ops import F32, apply_rotary, attn_scale, rms_norm, rotary_tables, softcap
 
 __all__ = ["GPT", "KVCache", "init_params", "forward", "loss_and_count", "loss", "init_cache", "forward_cached"]
 

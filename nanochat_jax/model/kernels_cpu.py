@@ -18,6 +18,7 @@ import numpy as np
 from nanochat_jax.core.config import ModelConfig
 from nanochat_jax.model import attention_cpu
 from nanochat_jax.model.ops import F32, SOFTCAP, attention_impl, attn_scale, sdpa, softcap
+from nanochat_jax.model.ops import cached_attention as ops_cached_attention
 
 
 def linear(x, w, out_dtype=None):
@@ -76,6 +77,14 @@ def causal_attention(q, k, v, window: int, config: ModelConfig):
     if local is None and on_cpu_xla and q.dtype == F32 and T % CAUSAL_BLOCKS == 0 and T >= 64 * CAUSAL_BLOCKS:
         return blocked_causal_attention(q, k, v, config)
     return sdpa(q, k, v, config, is_causal=True, local_window_size=local)
+
+
+def cached_attention(q, k, v, mask, scale: float):
+    """Attention of new queries over a KV cache (ops.cached_attention); on CPU in fp32 the kernel's version, which
+    reads each row's visible span of the cache in place (XLA:CPU copied every layer's cache transposed each step)."""
+    if jax.default_backend() == "cpu" and attention_cpu.supports_cache(q, k, v) and attention_cpu.available():
+        return attention_cpu.cached_attention(q, k, v, mask, scale)
+    return ops_cached_attention(q, k, v, mask, scale)
 
 
 CAUSAL_BLOCKS = 4   # see blocked_causal_attention

@@ -246,6 +246,101 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
   });
 }
 
+// Decode: t new queries over a KV cache, q (B, t, H, D), keys (B, KV, D, S), values (B, KV, S, D), mask (B, t, S)
+// -> y (B, t, H, D). Each row reads only the span between its first and last visible key (the filled prefix, or
+// the window), in the cache's own layouts: keys with positions minor for the scores, values with the head dim
+// minor for the weighted sum. A row that sees no key gets zeros.
+struct CacheShape { int64_t B, t, H, KV, D, S; float scale; };
+
+// out[j - j0] = q . keys[:, j] for j in [j0, j1); keys (D, S).
+void cache_scores(const float* q, const float* keys, const CacheShape& s, int64_t j0, int64_t j1, float* out) {
+  int64_t j = j0;
+  for (; j + 4 * W <= j1; j += 4 * W) {
+    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+    for (int64_t d = 0; d < s.D; ++d) {
+      const float* kr = keys + d * s.S + j;
+      a0 += q[d] * load(kr); a1 += q[d] * load(kr + W); a2 += q[d] * load(kr + 2 * W); a3 += q[d] * load(kr + 3 * W);
+    }
+    store(out + j - j0, a0); store(out + j - j0 + W, a1); store(out + j - j0 + 2 * W, a2);
+    store(out + j - j0 + 3 * W, a3);
+  }
+  for (; j + W <= j1; j += W) {
+    vf a = vf{};
+    for (int64_t d = 0; d < s.D; ++d) a += q[d] * load(keys + d * s.S + j);
+    store(out + j - j0, a);
+  }
+  for (; j < j1; ++j) {
+    float a = 0;
+    for (int64_t d = 0; d < s.D; ++d) a += q[d] * keys[d * s.S + j];
+    out[j - j0] = a;
+  }
+}
+
+void cached_row(const float* q, const float* keys, const float* vals, const bool* m, const CacheShape& s,
+                float* sc, float* out) {
+  int64_t lo = 0, hi = s.S - 1;
+  while (lo < s.S && !m[lo]) ++lo;
+  while (hi >= lo && !m[hi]) --hi;
+  if (lo > hi) { std::fill(out, out + s.D, 0.f); return; }
+  const int64_t n = hi + 1 - lo, nv = (n + W - 1) / W * W;     // sc holds nv >= n floats
+  cache_scores(q, keys, s, lo, hi + 1, sc);
+  auto visible = [&](int64_t j) {   // lanes j .. j + W - 1 (relative to lo) that are in the span and visible
+    vi v;
+    for (int i = 0; i < W; ++i) v[i] = (j + i < n && m[lo + j + i]) ? -1 : 0;
+    return v;
+  };
+  vf mx = splat(-INFINITY);
+  for (int64_t j = 0; j < nv; j += W) {
+    const vf x = load(sc + j) * s.scale;
+    mx = visible(j) & (x > mx) ? x : mx;
+  }
+  const float mmax = hmax(mx);
+  vf sum = vf{};
+  for (int64_t j = 0; j < nv; j += W) {
+    const vf p = visible(j) ? vexp(load(sc + j) * s.scale - mmax) : vf{};
+    store(sc + j, p);
+    sum += p;
+  }
+  const float inv = 1.f / hsum(sum);
+  vf acc[256 / W];
+  const int64_t nd = s.D / W;
+  for (int64_t c = 0; c < nd; ++c) acc[c] = vf{};
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = sc[j];
+    if (p == 0.f) continue;
+    const float* vr = vals + (lo + j) * s.D;
+    for (int64_t c = 0; c < nd; ++c) acc[c] += p * load(vr + c * W);
+  }
+  for (int64_t c = 0; c < nd; ++c) store(out + c * W, acc[c] * inv);
+}
+
+void cached(ffi::ThreadPool& pool, const CacheShape& s, const float* q, const float* k, const float* v,
+            const bool* mask, float* y) {
+  const int64_t G = s.H / s.KV;
+  parallel_for(pool, s.B * s.KV, [&](int64_t item) {
+    const int64_t b = item / s.KV, n = item % s.KV;
+    const float* keys = k + (b * s.KV + n) * s.D * s.S;
+    const float* vals = v + (b * s.KV + n) * s.S * s.D;
+    std::vector<float> sc(s.S + W);
+    for (int64_t i = 0; i < s.t; ++i)
+      for (int64_t h = n * G; h < (n + 1) * G; ++h) {
+        const int64_t row = (b * s.t + i) * s.H + h;
+        cached_row(q + row * s.D, keys, vals, mask + (b * s.t + i) * s.S, s, sc.data(), y + row * s.D);
+      }
+  });
+}
+
+ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> y,
+                           float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const CacheShape s{qd[0], qd[1], qd[2], kd[1], qd[3], kd[3], scale};
+  if (s.D % W || s.D > 256 || s.H % s.KV)
+    return ffi::Error::InvalidArgument("attention_cpu: needs a head dim that is a multiple of 16 and <= 256, H % KV == 0");
+  cached(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), mask.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
 Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, float scale, int64_t window) {
   auto qd = q.dimensions(), kd = k.dimensions();
   return Shape{qd[0], qd[1], qd[2], kd[2], qd[3], window, scale};
@@ -304,3 +399,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionBackward, AttentionBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatCachedAttention, CachedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
