@@ -84,9 +84,14 @@ def supports(q, k) -> bool:
             and q.shape[2] % k.shape[2] == 0 and k.shape[1] == T)
 
 
-def _attrs(scale: float, window: int) -> dict:
+def _require():
+    """The kernels are registered with XLA (built first if need be); callers check available() beforehand."""
     if not available():
         raise RuntimeError("the fused CPU attention kernel is unavailable (see the warning above)")
+
+
+def _attrs(scale: float, window: int) -> dict:
+    _require()
     return {"scale": np.float32(scale), "window": np.int64(window)}
 
 
@@ -123,7 +128,6 @@ def cached_attention(q, k, v, mask, scale: float):
     """ops.cached_attention in one kernel call: q (B, t, H, D) over keys (B, KV, D, S) and values (B, KV, S, D)
     where mask (B, t, S) is set, reading each row's visible span only; a row that sees no key gets zeros.
     Inference only (no gradient)."""
-    if not available():
-        raise RuntimeError("the fused CPU attention kernel is unavailable (see the warning above)")
+    _require()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(_TARGETS[2], out)(q, k, v, mask.astype(jnp.bool_), scale=np.float32(scale))
