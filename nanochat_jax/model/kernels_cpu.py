@@ -17,8 +17,8 @@ import numpy as np
 
 from nanochat_jax.core.config import ModelConfig
 from nanochat_jax.model import attention_cpu
+from nanochat_jax.model import ops
 from nanochat_jax.model.ops import F32, SOFTCAP, attention_impl, attn_scale, sdpa, softcap
-from nanochat_jax.model.ops import cached_attention as ops_cached_attention
 
 
 def linear(x, w, out_dtype=None):
@@ -84,7 +84,7 @@ def cached_attention(q, k, v, mask, scale: float):
     reads each row's visible span of the cache in place (XLA:CPU copied every layer's cache transposed each step)."""
     if jax.default_backend() == "cpu" and attention_cpu.supports_cache(q, k, v) and attention_cpu.available():
         return attention_cpu.cached_attention(q, k, v, mask, scale)
-    return ops_cached_attention(q, k, v, mask, scale)
+    return ops.cached_attention(q, k, v, mask, scale)
 
 
 CAUSAL_BLOCKS = 4   # see blocked_causal_attention
