@@ -1,5 +1,6 @@
-"""Facts about nanochat_jax/model/attention_cpu.py: the fused C++ attention kernel for CPU equals the plain
-attention in values and gradients, the model takes it on CPU, and where it cannot be built the XLA paths run."""
+"""Facts about nanochat_jax/model/attention_cpu.py: the fused C++ attention and cross-entropy kernels for CPU equal
+the plain formulas in values and gradients, the model takes them on CPU, and where they cannot be built the XLA
+paths run."""
 
 import jax
 import jax.numpy as jnp
@@ -100,11 +101,14 @@ def test_a_failed_build_warns_once_and_leaves_the_xla_path(monkeypatch, tmp_path
         assert attention_cpu.available() is False
         assert attention_cpu.available() is False
         err = capsys.readouterr().err
-        assert err.count("fused CPU attention kernel is unavailable") == 1 and "no-such-compiler" in err
+        assert err.count("fused CPU kernels are unavailable") == 1 and "no-such-compiler" in err
         config = _config(4, 2, 32)
         q, k, v, _ = _qkv(1, 128, 4, 2, 32)
         y = model.causal_attention(q, k, v, 1000, config)
         assert max_rel(np.asarray(y), np.asarray(_plain(config, 1000)(q, k, v))) <= 1e-5
+        x, w, targets = _head(40, 32, 64, 60)
+        losses = model.head_losses(x, w, targets, 60)
+        np.testing.assert_allclose(losses, _plain_head(x, w, targets, 60), rtol=1e-5, atol=1e-6)
     finally:
         monkeypatch.undo()
         attention_cpu.available.cache_clear()
@@ -144,3 +148,52 @@ def test_cached_kernel_gives_zeros_to_a_row_that_sees_nothing():
     mask = jnp.zeros((2, 1, 16), bool).at[0, 0, :3].set(True)
     y = np.asarray(attention_cpu.cached_attention(q, k, v, mask, 1.0))
     assert np.all(y[1] == 0.0) and np.allclose(y[0], 1.0)
+
+
+def _head(N, C, V, vocab, seed=3):
+    """Hidden rows, an LM head large enough to saturate the softcap, and targets with ignored rows and the last
+    vocabulary column among them."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(ks[0], (N, C))
+    w = jax.random.normal(ks[1], (C, V)) * 4.0
+    targets = jax.random.randint(ks[2], (N,), 0, vocab).at[:5].set(-1).at[7].set(vocab - 1)
+    return x, w, targets
+
+
+def _plain_head(x, w, targets, vocab):
+    return ops.token_losses(ops.softcap(x @ w)[:, :vocab], targets)[0]
+
+
+@pytest.mark.parametrize("N,V,vocab", [(40, 64, 64), (37, 1024, 1001), (16, 48, 41)])
+def test_xent_kernel_equals_the_plain_softcapped_loss_and_its_gradient(N, V, vocab):
+    """Losses and d loss / d logits against autodiff of softcap + token_losses: SIMD body and scalar tail (vocab
+    not a multiple of the vector width), padded columns and ignored rows zero."""
+    z = jax.random.normal(jax.random.PRNGKey(0), (N, V)) * 20
+    targets = jax.random.randint(jax.random.PRNGKey(1), (N,), 0, vocab).at[:3].set(-1).at[5].set(vocab - 1)
+    plain = lambda z: ops.token_losses(ops.softcap(z)[:, :vocab], targets)[0]
+    losses, dz = jax.jit(lambda z: attention_cpu.softcap_xent(z, targets, vocab, ops.SOFTCAP))(z)
+    ref_dz = jax.grad(lambda z: plain(z).sum())(z)
+    np.testing.assert_allclose(losses, plain(z), rtol=1e-5, atol=1e-5)
+    assert max_rel(np.asarray(dz), np.asarray(ref_dz)) <= 1e-5
+    assert float(jnp.abs(dz[:3]).max()) == 0.0 and float(jnp.abs(dz[:, vocab:]).max(initial=0.0)) == 0.0
+    only, _ = jax.jit(lambda z: attention_cpu.softcap_xent(z, targets, vocab, ops.SOFTCAP, grad=False))(z)
+    np.testing.assert_array_equal(only, losses)
+
+
+def test_head_losses_take_the_kernel_and_equal_the_plain_head_in_values_and_grads(monkeypatch):
+    """The fused head (logits product + kernel, hand-written backward) against autodiff of the plain head, under a
+    non-uniform cotangent per token, with a padded vocabulary."""
+    calls = []
+    real = attention_cpu.softcap_xent
+    monkeypatch.setattr(attention_cpu, "softcap_xent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, targets = _head(48, 32, 96, 90)
+    x, targets = x.reshape(2, 24, 32), targets.reshape(2, 24)
+    g = jax.random.uniform(jax.random.PRNGKey(9), targets.shape)
+    ours = jax.jit(jax.value_and_grad(lambda x, w: (model.head_losses(x, w, targets, 90) * g).sum(), argnums=(0, 1)))
+    ref = jax.jit(jax.value_and_grad(
+        lambda x, w: (_plain_head(x.reshape(-1, 32), w, targets.reshape(-1), 90) * g.reshape(-1)).sum(), argnums=(0, 1)))
+    (l1, (dx1, dw1)), (l0, (dx0, dw0)) = ours(x, w), ref(x, w)
+    assert calls
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    assert max_rel(np.asarray(dx1), np.asarray(dx0)) <= 1e-5
+    assert max_rel(np.asarray(dw1), np.asarray(dw0)) <= 1e-5

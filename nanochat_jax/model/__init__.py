@@ -4,6 +4,7 @@ The names below are the model's API (`from nanochat_jax import model; model.forw
 from nanochat_jax.core.config import ModelConfig, flops_per_token, num_params  # noqa: F401
 from nanochat_jax.model.gpt import (GPT, KVCache, forward, forward_cached, init_cache, init_params,  # noqa: F401
                                     loss, loss_and_count)
-from nanochat_jax.model.kernels_cpu import cached_attention, causal_attention, linear, softcap_xent  # noqa: F401
+from nanochat_jax.model.kernels_cpu import (cached_attention, causal_attention, head_losses, linear,  # noqa: F401
+                                            softcap_xent)
 from nanochat_jax.model.ops import (SOFTCAP, attention_impl, attn_scale, rms_norm,  # noqa: F401
                                     rotary_tables, sdpa, softcap, token_losses)

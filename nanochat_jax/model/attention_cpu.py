@@ -1,8 +1,10 @@
-"""Fused causal attention on CPU: the C++ kernel in csrc/attention_cpu.cc behind jax.ffi, with its own backward pass.
+"""The C++ CPU kernels in csrc/ behind jax.ffi: fused causal attention with its own backward pass
+(csrc/attention_cpu.cc) and the LM head's softcapped cross-entropy with its gradient (csrc/xent_cpu.cc).
 
 XLA:CPU computes attention as batched matmuls and elementwise passes over (B, H, T, T) scores in DRAM, at a
 fraction of the machine's matmul rate; the kernel keeps each query block's scores in cache and skips the key blocks
-a query cannot see (bench/RESULTS.md has the measurements). It is built on first use with the system's C++ compiler
+a query cannot see. The cross-entropy kernel reads each row of logits once and writes its gradient over it while
+the row is in cache (bench/RESULTS.md has the measurements). They are built, as one library, on first use with the system's C++ compiler
 ($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU (-march=native), and cached under
 $NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the source, jaxlib's version and the CPU.
 Where it cannot be built, `available()` is False, one warning says why, and the XLA path runs instead.
@@ -24,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("csrc") / "attention_cpu.cc"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "attention_cpu.cc", CSRC / "xent_cpu.cc")   # compiled together; both include csrc/simd.h
 BLOCK = 64          # the kernel's query/key block: T must be a multiple
 HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
-_TARGETS = ("nanochat_attention_fwd", "nanochat_attention_bwd", "nanochat_cached_attention")
+_TARGETS = {"nanochat_attention_fwd": "NanochatAttentionForward", "nanochat_attention_bwd": "NanochatAttentionBackward",
+            "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent"}
 
 
 def _cpu_id() -> str:
@@ -43,7 +47,8 @@ def _build() -> Path:
     """The compiled kernel library, built now if the cache has none for this source, jaxlib and CPU."""
     cxx = os.environ.get("CXX", "g++")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), jax.__version__, cxx, *flags, _cpu_id()]).encode())
+    texts = [p.read_text() for p in (*SOURCES, CSRC / "simd.h")]
+    key = hashlib.sha256("\0".join([*texts, jax.__version__, cxx, *flags, _cpu_id()]).encode())
     cache = Path(os.environ.get("NANOCHAT_KERNEL_CACHE") or Path.home() / ".cache" / "nanochat_jax" / "kernels")
     lib = cache / f"attention_cpu-{key.hexdigest()[:16]}.so"
     if lib.exists():
@@ -51,7 +56,7 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         out = Path(tmp) / lib.name
-        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
@@ -61,18 +66,17 @@ def _build() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """True once the kernel is built, loaded and registered with XLA for the CPU; False (with one warning) where it
+    """True once the kernels are built, loaded and registered with XLA for the CPU; False (with one warning) where it
     cannot be, or when NANOCHAT_CPU_ATTENTION=0."""
     if os.environ.get("NANOCHAT_CPU_ATTENTION", "1").strip() == "0":
         return False
     try:
         lib = ctypes.CDLL(str(_build()))
-        for name, symbol in zip(_TARGETS, ("NanochatAttentionForward", "NanochatAttentionBackward",
-                                               "NanochatCachedAttention")):
+        for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, FileNotFoundError) as e:
-        print(f"nanochat_jax: the fused CPU attention kernel is unavailable ({e}); attention runs through XLA "
-              "instead (slower). Install a C++ compiler (g++) to enable it.", file=sys.stderr)
+        print(f"nanochat_jax: the fused CPU kernels are unavailable ({e}); attention and the cross-entropy run "
+              "through XLA instead (slower). Install a C++ compiler (g++) to enable them.", file=sys.stderr)
         return False
     return True
 
@@ -87,7 +91,7 @@ def supports(q, k) -> bool:
 def _require():
     """The kernels are registered with XLA (built first if need be); callers check available() beforehand."""
     if not available():
-        raise RuntimeError("the fused CPU attention kernel is unavailable (see the warning above)")
+        raise RuntimeError("the fused CPU kernels are unavailable (see the warning above)")
 
 
 def _attrs(scale: float, window: int) -> dict:
@@ -105,14 +109,14 @@ def attention(q, k, v, scale: float, window: int):
 def _forward(q, k, v, scale, window):
     B, T, H, _ = q.shape
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
-    o, lse = jax.ffi.ffi_call(_TARGETS[0], out)(q, k, v, **_attrs(scale, window))
+    o, lse = jax.ffi.ffi_call("nanochat_attention_fwd", out)(q, k, v, **_attrs(scale, window))
     return o, (q, k, v, o, lse)
 
 
 def _backward(scale, window, res, g):
     q, k, v, o, lse = res
     out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
-    return jax.ffi.ffi_call(_TARGETS[1], out)(q, k, v, o, lse, g.astype(jnp.float32), **_attrs(scale, window))
+    return jax.ffi.ffi_call("nanochat_attention_bwd", out)(q, k, v, o, lse, g.astype(jnp.float32), **_attrs(scale, window))
 
 
 attention.defvjp(_forward, _backward)
@@ -130,4 +134,15 @@ def cached_attention(q, k, v, mask, scale: float):
     Inference only (no gradient)."""
     _require()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS[2], out)(q, k, v, mask.astype(jnp.bool_), scale=np.float32(scale))
+    return jax.ffi.ffi_call("nanochat_cached_attention", out)(q, k, v, mask.astype(jnp.bool_), scale=np.float32(scale))
+
+
+def softcap_xent(z, targets, vocab: int, cap: float, grad: bool = True):
+    """(losses (N,), dz (N, V)) of the cross-entropy of cap * tanh(z / cap)[:, :vocab] against targets (N,) int32,
+    from fp32 logits z (N, V): 0 loss and a zero gradient row where a target is < 0, zero gradient in the padded
+    columns. dz (d loss_i / d z_i, per row) is written over z's buffer; with grad=False it holds no gradient and
+    only the losses count. Same formula as ops.token_losses(ops.softcap(z)[:, :vocab], targets)."""
+    _require()
+    out = (jax.ShapeDtypeStruct(z.shape[:1], jnp.float32), jax.ShapeDtypeStruct(z.shape, jnp.float32))
+    return jax.ffi.ffi_call("nanochat_softcap_xent", out, input_output_aliases={0: 1})(
+        z, targets.astype(jnp.int32), vocab=np.int64(vocab), cap=np.float32(cap), grad=bool(grad))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from nanochat_jax.core.common import compute_dtype
 from nanochat_jax.core.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig
-from nanochat_jax.model.kernels_cpu import cached_attention, causal_attention, linear, softcap_xent
+from nanochat_jax.model.kernels_cpu import cached_attention, causal_attention, head_losses, linear
 from nanochat_jax.model.ops import F32, apply_rotary, attn_scale, rms_norm, rotary_tables, softcap
 
 __all__ = ["GPT", "KVCache", "init_params", "forward", "loss_and_count", "loss", "init_cache", "forward_cached"]
@@ -262,7 +262,7 @@ class GPT(nn.Module):
         """(sum of token losses over targets != -1, number of such targets), both fp32 scalars."""
         cos, sin = rotary_tables(self.config, inputs.shape[1])
         x, _ = self.hidden(inputs, jnp.asarray(cos), jnp.asarray(sin))
-        losses = softcap_xent(self.head(x), targets, self.config.vocab_size)
+        losses = head_losses(x, self.lm_head, targets, self.config.vocab_size)
         return losses.sum(), (targets >= 0).sum().astype(F32)
 
     def decode(self, tokens, cache: KVCache, pos):

@@ -1,11 +1,13 @@
-"""The CPU speed paths, behind the three names the model calls: `linear`, `causal_attention` and `softcap_xent`.
+"""The CPU speed paths, behind the names the model calls: `linear`, `causal_attention`, `cached_attention` and
+`head_losses`.
 
 Each computes exactly what the plain formula does (tests/test_model.py checks values and gradients against it) and
 takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs,
 causal attention through the fused C++ kernel of attention_cpu (or, where no compiler built it, in query blocks that
-skip the masked-out half of the scores, short windows as bands), and a
-softcapped cross-entropy with a hand-written gradient that keeps no extra (tokens, vocab) arrays. On GPU the plain
-paths run (cuDNN attention where it applies)."""
+skip the masked-out half of the scores, short windows as bands), and the LM head's softcapped cross-entropy through
+the C++ kernel (loss and gradient in one pass over the logits; where no compiler built it, XLA with a hand-written
+gradient that keeps no extra (tokens, vocab) arrays). On GPU the plain paths run (cuDNN attention where it
+applies)."""
 
 from __future__ import annotations
 
@@ -166,6 +168,45 @@ def banded_attention(q, k, v, window: int, config: ModelConfig, block: int | Non
     qb = q.reshape(B * n, block, H, D)
     m = jnp.broadcast_to(jnp.asarray(mask)[None], (B, n, block, nk)).reshape(B * n, 1, block, nk)
     return sdpa(qb, group(pad(k)), group(pad(v)), config, mask=m).reshape(B, T, H, D)
+
+
+def head_losses(x, w, targets, vocab_size: int):
+    """Per-token cross-entropy of softcap(x @ w)[..., :vocab_size] against targets (fp32, 0 where target == -1):
+    x (..., C) the final normed hidden, w (C, padded V) the fp32 LM head. On CPU in fp32 with the kernels built,
+    the fused head (_head_xent); else the logits through `linear` and softcap_xent."""
+    if x.dtype == F32 and jax.default_backend() == "cpu" and attention_cpu.available():
+        return _head_xent(x, w, targets, vocab_size)
+    return softcap_xent(linear(x, w, out_dtype=F32), targets, vocab_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _head_xent(x, w, targets, vocab_size: int):
+    """head_losses on XLA:CPU: the logits product, then the C++ cross-entropy kernel, which computes the losses and
+    (under differentiation) d loss / d logits in the same pass, over the logits' own buffer. The backward pass is
+    then the head's two products with each row's cotangent applied to the small side: dx = (dz w^T) * g and
+    dw = (x * g)^T dz; no (tokens, vocab) elementwise pass is left."""
+    z = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+    losses, _ = attention_cpu.softcap_xent(z, targets.reshape(-1), vocab_size, SOFTCAP, grad=False)
+    return losses.reshape(targets.shape)
+
+
+def _head_xent_fwd(x, w, targets, vocab_size):
+    x2 = x.reshape(-1, x.shape[-1])
+    losses, dz = attention_cpu.softcap_xent(jnp.dot(x2, w), targets.reshape(-1), vocab_size, SOFTCAP)
+    return losses.reshape(targets.shape), (x2, w, dz)
+
+
+def _head_xent_bwd(vocab_size, res, g):
+    x2, w, dz = res
+    g2 = g.reshape(-1, 1).astype(F32)
+    dx = jnp.dot(dz, w.T) * g2
+    # x^T transposed on its own (the barrier keeps XLA from folding it into the product): a plain row-major GEMM,
+    # as in _cpu_matmul_bwd for wide outputs
+    dw = jnp.dot(jax.lax.optimization_barrier((x2 * g2).T), dz)
+    return dx.reshape(*g.shape, x2.shape[-1]), dw, None
+
+
+_head_xent.defvjp(_head_xent_fwd, _head_xent_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -21,50 +21,19 @@
 #include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "simd.h"
 
 namespace {
 
+using namespace nanochat;
+
 #if defined(__AVX512F__)
-constexpr int W = 16;   // floats per SIMD vector
 constexpr int MR = 8;   // micro-kernel rows: 2 x MR accumulators + 2 B vectors of 32 registers
 #else
-constexpr int W = 8;
 constexpr int MR = 4;   // 2 x 4 accumulators + 2 B vectors + 1 broadcast of 16 registers
 #endif
 constexpr int NR = 2 * W;  // micro-kernel columns
 constexpr int BQ = 64;     // query rows per block; key ranges are multiples of 64 too
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-
-inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
-inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
-
-// exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
-// bits, e^r by Cephes' degree-6 polynomial (relative error ~1e-7). Inputs below -87 are clamped (e^-87 ~ 1.6e-38,
-// far below the row sum's rounding); masked positions never reach it.
-inline vf vexp(vf x) {
-  x = x < splat(-87.f) ? splat(-87.f) : x;
-  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;   // round to nearest (2^23 + 2^22 trick)
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale; std::memcpy(&scale, &e, sizeof scale);
-  return p * scale;
-}
 
 // C (MR x NR) (+)= A (MR x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r].
 template <bool AT>
@@ -123,8 +92,6 @@ struct Row {
   Row(const Shape& s, int64_t pos) : lo(std::max<int64_t>(0, pos - s.window)), hi(pos) {}
 };
 
-inline vi iota() { vi v; for (int i = 0; i < W; ++i) v[i] = i; return v; }
-
 // Softmax numerator of one score row in place (s covers keys ks..ke): e^(scale s - m) on the valid columns, 0
 // elsewhere; returns the row's log-sum-exp and writes 1 / sum to inv.
 float softmax_row(float* s, int64_t ks, int64_t ke, const Row& row, float scale, float* inv) {
@@ -157,22 +124,6 @@ void probs_row(float* s, int64_t ks, int64_t ke, const Row& row, float scale, fl
     const vf e = vexp(load(s + (j - ks)) * scale - lse);
     store(s + (j - ks), (col >= (int32_t)row.lo) & (col <= (int32_t)row.hi) ? e : vf{});
   }
-}
-
-// Runs fn(item) for item in [0, n) on XLA's intra-op thread pool and the calling thread, items handed out one by
-// one; returns when every item is done. A pool task that starts late finds no item left and touches only `job`.
-template <class F>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
-  struct Job { std::atomic<int64_t> next{0}, done{0}; };
-  auto job = std::make_shared<Job>();
-  std::function<void(int64_t)> body = fn;
-  auto work = [job, n, &body] {
-    for (int64_t i; (i = job->next.fetch_add(1)) < n;) { body(i); job->done.fetch_add(1); }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, n, work] { work(); });
-  work();
-  while (job->done.load() < n) std::this_thread::yield();
 }
 
 void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v, float* o, float* lse) {

@@ -1,0 +1,72 @@
+// SIMD helpers shared by the CPU kernels (attention_cpu.cc, xent_cpu.cc): GCC vector types of the machine's widest
+// float vector, a vectorised exp, and a parallel loop on XLA's intra-op thread pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace nanochat {
+
+namespace ffi = xla::ffi;
+
+#if defined(__AVX512F__)
+constexpr int W = 16;   // floats per SIMD vector
+#else
+constexpr int W = 8;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{} + x; }
+
+inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
+inline vi iota() { vi v; for (int i = 0; i < W; ++i) v[i] = i; return v; }
+
+// exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
+// bits, e^r by Cephes' degree-6 polynomial (relative error ~1e-7). Inputs below -87 are clamped (e^-87 ~ 1.6e-38,
+// far below the row sum's rounding); masked positions never reach it.
+inline vf vexp(vf x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;   // round to nearest (2^23 + 2^22 trick)
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale; std::memcpy(&scale, &e, sizeof scale);
+  return p * scale;
+}
+
+// Runs fn(item) for item in [0, n) on XLA's intra-op thread pool and the calling thread, items handed out one by
+// one; returns when every item is done. A pool task that starts late finds no item left and touches only `job`.
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
+  struct Job { std::atomic<int64_t> next{0}, done{0}; };
+  auto job = std::make_shared<Job>();
+  std::function<void(int64_t)> body = fn;
+  auto work = [job, n, &body] {
+    for (int64_t i; (i = job->next.fetch_add(1)) < n;) { body(i); job->done.fetch_add(1); }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, n, work] { work(); });
+  work();
+  while (job->done.load() < n) std::this_thread::yield();
+}
+
+}  // namespace nanochat
