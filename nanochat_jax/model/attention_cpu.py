@@ -4,11 +4,11 @@
 XLA:CPU computes attention as batched matmuls and elementwise passes over (B, H, T, T) scores in DRAM, at a
 fraction of the machine's matmul rate; the kernel keeps each query block's scores in cache and skips the key blocks
 a query cannot see. The cross-entropy kernel reads each row of logits once and writes its gradient over it while
-the row is in cache (bench/RESULTS.md has the measurements). They are built, as one library, on first use with the system's C++ compiler
-($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU (-march=native), and cached under
-$NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the source, jaxlib's version and the CPU.
-Where it cannot be built, `available()` is False, one warning says why, and the XLA path runs instead.
-NANOCHAT_CPU_ATTENTION=0 turns it off."""
+the row is in cache (bench/RESULTS.md has the measurements). They are built, as one library, on first use with the
+system's C++ compiler ($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU
+(-march=native), and cached under $NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the
+sources, jaxlib's version and the CPU. Where they cannot be built, `available()` is False, one warning says why,
+and the XLA paths run instead. NANOCHAT_CPU_ATTENTION=0 turns them off."""
 
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def _forward(q, k, v, scale, window):
 def _backward(scale, window, res, g):
     q, k, v, o, lse = res
     out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
-    return jax.ffi.ffi_call("nanochat_attention_bwd", out)(q, k, v, o, lse, g.astype(jnp.float32), **_attrs(scale, window))
+    return jax.ffi.ffi_call("nanochat_attention_bwd", out)(q, k, v, o, lse, g.astype(jnp.float32),
+                                                          **_attrs(scale, window))
 
 
 attention.defvjp(_forward, _backward)
