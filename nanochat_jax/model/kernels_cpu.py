@@ -199,11 +199,8 @@ def _head_xent_fwd(x, w, targets, vocab_size):
 def _head_xent_bwd(vocab_size, res, g):
     x2, w, dz = res
     g2 = g.reshape(-1, 1).astype(F32)
-    dx = jnp.dot(dz, w.T) * g2
-    # x^T transposed on its own (the barrier keeps XLA from folding it into the product): a plain row-major GEMM,
-    # as in _cpu_matmul_bwd for wide outputs
-    dw = jnp.dot(jax.lax.optimization_barrier((x2 * g2).T), dz)
-    return dx.reshape(*g.shape, x2.shape[-1]), dw, None
+    dzw, dw = _cpu_matmul_bwd((x2 * g2, w), dz)   # the head's products in _cpu_matmul's CPU layouts
+    return (dzw * g2).reshape(*g.shape, x2.shape[-1]), dw, None
 
 
 _head_xent.defvjp(_head_xent_fwd, _head_xent_bwd)
