@@ -41,12 +41,19 @@ POLAR_EXPRESS_COEFFS = (
 # ---------------------------------------------------------------------------------------------------------------
 # Orthogonalisation (batched over a leading stack axis; X is (..., in, out) in JAX layout)
 
+GRAM_MIN_ASPECT = 2   # long side / short side from which _iterate_gram does fewer multiply-adds than the direct form
+
+
 def _iterate(W, coeffs, right: bool = False):
     """The iteration on nanochat's wide matrix X (m <= n): A = X X^T, X = (aI + bA + cA^2) X. With `right`, W is
     a tall X^T in our layout and the same polynomial runs from the right: A = W^T W, W = W (aI + bA + cA^2), which
     is exactly the transpose of the left form (A is symmetric), so no transposed copy of W is ever made. nanochat
     writes the last step as aX + (bA + cA^2) X; folding a into the small m x m matrix is the same polynomial
-    without a pass over the large X (and XLA:CPU runs the folded form at full speed)."""
+    without a pass over the large X (and XLA:CPU runs the folded form at full speed). An fp32 X at least
+    GRAM_MIN_ASPECT times wider than tall takes the same polynomial through its Gram matrix (`_iterate_gram`)."""
+    m, n = sorted(W.shape[-2:])
+    if W.dtype == jnp.float32 and n >= GRAM_MIN_ASPECT * m:
+        return _iterate_gram(W, coeffs, right)
     k = W.shape[-1] if right else W.shape[-2]
     eye = jnp.eye(k, dtype=W.dtype)
     for a, b, c in coeffs:
@@ -57,6 +64,25 @@ def _iterate(W, coeffs, right: bool = False):
             A = W @ jnp.swapaxes(W, -1, -2)
             W = (a * eye + b * A + c * (A @ A)) @ W
     return W
+
+
+def _iterate_gram(W, coeffs, right: bool = False):
+    """`_iterate`'s polynomial carried on the small m x m Gram matrix instead of the m x n X. With A_k = X_k X_k^T
+    and B_k = a_k I + b_k A_k + c_k A_k^2, X_{k+1} = B_k X_k gives A_{k+1} = B_k A_k B_k = A_k B_k^2 (B_k is a
+    polynomial in A_k, so the two commute), and the result is Q X_0 with Q = B_{K-1} ... B_0. X is multiplied twice
+    (A_0, then Q X_0) instead of twice per iteration: for five iterations 17 m^3 + 2 m^2 n multiply-adds against
+    5 (m^3 + 2 m^2 n), i.e. 25 m^3 against 45 m^3 for an MLP's (d, 4d) matrix. The same function in exact
+    arithmetic; rounding in A builds up over the iterations (the direct form recomputes A from X each time), which
+    fp32 keeps within ~1e-5 of the largest entry and bf16 would not, so `_iterate` uses it for fp32 only."""
+    A = jnp.swapaxes(W, -1, -2) @ W if right else W @ jnp.swapaxes(W, -1, -2)
+    eye = jnp.eye(A.shape[-1], dtype=W.dtype)
+    Q = None
+    for i, (a, b, c) in enumerate(coeffs):
+        B = a * eye + b * A + c * (A @ A)
+        Q = B if Q is None else B @ Q
+        if i + 1 < len(coeffs):
+            A = A @ (B @ B)
+    return W @ Q if right else Q @ W
 
 
 def _tall(shape) -> bool:

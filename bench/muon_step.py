@@ -1,0 +1,80 @@
+"""Muon's update on a model's block matrices, its two orthogonalisation forms side by side in one run.
+
+    python -m bench.muon_step                      # d4, d6, d8 (2026 recipe, fp32 on CPU), 7 alternating rounds
+    python -m bench.muon_step --depths 6 --rounds 11
+
+`optim/muon.py` runs the Polar Express polynomial of the wide (MLP) matrices through their Gram matrix
+(`_iterate_gram`) and the square ones directly. This times the jitted update on one device, alternating that
+choice with the direct form for every matrix, and prints the medians and the update's largest difference
+between the two (relative to its largest entry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax import model, optim
+from nanochat_jax.core.config import ModelConfig
+
+muon_mod = importlib.import_module("nanochat_jax.optim.muon")
+
+
+def block_matrices(depth: int, seed: int = 0):
+    """The block matrices (Muon's parameters) of a fresh d`depth` model, and gradient-like random ones."""
+    config = ModelConfig.from_depth(depth, max_seq_len=512, vocab_size=8192, head_dim=64, window_pattern="L")
+    params = model.init_params(config, jax.random.PRNGKey(seed))
+    blocks = {k: v for k, v in params["blocks"].items()}
+    leaves, treedef = jax.tree.flatten(blocks)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    grads = treedef.unflatten([jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+    matrices = lambda t: jax.tree.map(lambda x: x if x.ndim == 2 else None, t)   # noqa: E731
+    return config, matrices(blocks), matrices(grads)
+
+
+def compiled_update(config, params, grads, gram: bool):
+    """Muon's jitted update with the Gram form on (the default) or off, compiled now (the choice is made at
+    trace time)."""
+    saved = muon_mod.GRAM_MIN_ASPECT
+    muon_mod.GRAM_MIN_ASPECT = saved if gram else float("inf")
+    try:
+        tx = optim.muon(0.02, recipe=config.recipe)
+        state = tx.init(params)
+        fn = jax.jit(tx.update).lower(grads, state, params).compile()
+    finally:
+        muon_mod.GRAM_MIN_ASPECT = saved
+    return fn, state
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", default="4,6,8", help="comma-separated depths")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating timed rounds (median)")
+    args = parser.parse_args(argv)
+    print(f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s); ms per Muon update, median of "
+          f"{args.rounds} alternating rounds")
+    print("| depth | direct | Gram (default) | ratio | max |diff| / max |update| |")
+    print("|---|---|---|---|---|")
+    for depth in (int(d) for d in args.depths.split(",")):
+        config, params, grads = block_matrices(depth)
+        fns = {name: compiled_update(config, params, grads, gram=name == "gram") for name in ("direct", "gram")}
+        outs = {name: jax.block_until_ready(fn(grads, state, params)[0]) for name, (fn, state) in fns.items()}
+        times = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, (fn, state) in fns.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(grads, state, params))
+                times[name].append(time.perf_counter() - t0)
+        a, b = jax.tree.leaves(outs["direct"]), jax.tree.leaves(outs["gram"])
+        diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b)) / max(float(jnp.max(jnp.abs(x))) for x in a)
+        d, g = (np.median(times[n]) * 1e3 for n in ("direct", "gram"))
+        print(f"| {depth} | {d:,.0f} | {g:,.0f} | {g / d:.2f} | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
