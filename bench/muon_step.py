@@ -1,12 +1,14 @@
-"""Muon's update on a model's block matrices, its two orthogonalisation forms side by side in one run.
+"""Muon's update on a model's block matrices, its orthogonalisation paths side by side in one run.
 
     python -m bench.muon_step                      # d4, d6, d8 (2026 recipe, fp32 on CPU), 7 alternating rounds
     python -m bench.muon_step --depths 6 --rounds 11
 
 `optim/muon.py` runs the Polar Express polynomial of the wide (MLP) matrices through their Gram matrix
-(`_iterate_gram`) and the square ones directly. This times the jitted update on one device, alternating that
-choice with the direct form for every matrix, and prints the medians and the update's largest difference
-between the two (relative to its largest entry).
+(`_iterate_gram`) and the square ones directly, and on CPU both through the C++ kernel (`polar_iterate`: one matrix
+per thread, symmetric products by halves). This times the jitted update on one device in three variants, alternating:
+XLA with the direct form for every matrix (the plain formula), XLA with the Gram form, and the default (the kernel
+where it is built), and prints the medians and each variant's largest difference from the first (relative to the
+update's largest entry).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from nanochat_jax import model, optim
 from nanochat_jax.core.config import ModelConfig
+from nanochat_jax.model import attention_cpu
 
 muon_mod = importlib.import_module("nanochat_jax.optim.muon")
 
@@ -37,17 +40,22 @@ def block_matrices(depth: int, seed: int = 0):
     return config, matrices(blocks), matrices(grads)
 
 
-def compiled_update(config, params, grads, gram: bool):
-    """Muon's jitted update with the Gram form on (the default) or off, compiled now (the choice is made at
-    trace time)."""
-    saved = muon_mod.GRAM_MIN_ASPECT
-    muon_mod.GRAM_MIN_ASPECT = saved if gram else float("inf")
+VARIANTS = {"XLA direct": (False, False), "XLA Gram": (True, False), "default": (True, True)}   # (Gram, kernel)
+
+
+def compiled_update(config, params, grads, gram: bool, kernel: bool):
+    """Muon's jitted update with the Gram form and the CPU kernel allowed or not, compiled now (both are chosen
+    at trace time)."""
+    saved = muon_mod.GRAM_MIN_ASPECT, attention_cpu.supports_polar
+    muon_mod.GRAM_MIN_ASPECT = saved[0] if gram else float("inf")
+    if not kernel:
+        attention_cpu.supports_polar = lambda w: False
     try:
         tx = optim.muon(0.02, recipe=config.recipe)
         state = tx.init(params)
         fn = jax.jit(tx.update).lower(grads, state, params).compile()
     finally:
-        muon_mod.GRAM_MIN_ASPECT = saved
+        muon_mod.GRAM_MIN_ASPECT, attention_cpu.supports_polar = saved
     return fn, state
 
 
@@ -58,22 +66,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s); ms per Muon update, median of "
           f"{args.rounds} alternating rounds")
-    print("| depth | direct | Gram (default) | ratio | max |diff| / max |update| |")
-    print("|---|---|---|---|---|")
+    names = list(VARIANTS)
+    print("| depth | " + " | ".join(names) + " | max |diff| / max |update| vs " + names[0] + " |")
+    print("|---|" + "---|" * (len(names) + 1))
     for depth in (int(d) for d in args.depths.split(",")):
         config, params, grads = block_matrices(depth)
-        fns = {name: compiled_update(config, params, grads, gram=name == "gram") for name in ("direct", "gram")}
-        outs = {name: jax.block_until_ready(fn(grads, state, params)[0]) for name, (fn, state) in fns.items()}
-        times = {name: [] for name in fns}
+        fns = {name: compiled_update(config, params, grads, *VARIANTS[name]) for name in names}
+        outs = {name: jax.tree.leaves(jax.block_until_ready(fn(grads, state, params)[0]))
+                for name, (fn, state) in fns.items()}
+        times = {name: [] for name in names}
         for _ in range(args.rounds):
             for name, (fn, state) in fns.items():
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(grads, state, params))
                 times[name].append(time.perf_counter() - t0)
-        a, b = jax.tree.leaves(outs["direct"]), jax.tree.leaves(outs["gram"])
-        diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(a, b)) / max(float(jnp.max(jnp.abs(x))) for x in a)
-        d, g = (np.median(times[n]) * 1e3 for n in ("direct", "gram"))
-        print(f"| {depth} | {d:,.0f} | {g:,.0f} | {g / d:.2f} | {diff:.1e} |", flush=True)
+        ref = outs[names[0]]
+        top = max(float(jnp.max(jnp.abs(x))) for x in ref)
+        diffs = [max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(ref, outs[n])) / top for n in names[1:]]
+        ms = " | ".join(f"{np.median(times[n]) * 1e3:,.0f}" for n in names)
+        print(f"| {depth} | {ms} | " + ", ".join(f"{d:.1e}" for d in diffs) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Facts about nanochat_jax/model/attention_cpu.py: the fused C++ attention and cross-entropy kernels for CPU equal
-the plain formulas in values and gradients, the model takes them on CPU, and where they cannot be built the XLA
-paths run."""
+"""Facts about nanochat_jax/model/attention_cpu.py: the fused C++ attention, cross-entropy and Muon kernels for CPU
+equal the plain formulas (in values and gradients), the model and Muon take them on CPU, and where they cannot be
+built the XLA paths run."""
+
+import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +200,60 @@ def test_head_losses_take_the_kernel_and_equal_the_plain_head_in_values_and_grad
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     assert max_rel(np.asarray(dx1), np.asarray(dx0)) <= 1e-5
     assert max_rel(np.asarray(dw1), np.asarray(dw0)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Muon's iteration kernel
+
+muon = importlib.import_module("nanochat_jax.optim.muon")
+
+
+def _unit_stack(k, r, c, seed=0):
+    X = jax.random.normal(jax.random.PRNGKey(seed), (k, r, c))
+    return X / (jnp.linalg.norm(X, axis=(-2, -1), keepdims=True) * 1.01 + 1e-6)
+
+
+@pytest.mark.parametrize("k,r,c,right,gram,coeffs", [
+    (4, 64, 64, False, False, muon.POLAR_EXPRESS_COEFFS),           # square, direct
+    (4, 64, 256, False, True, muon.POLAR_EXPRESS_COEFFS),           # wide (an MLP's c_fc), Gram
+    (4, 256, 64, True, True, muon.POLAR_EXPRESS_COEFFS),            # tall (c_proj), Gram from the right
+    (3, 96, 160, False, False, muon.POLAR_EXPRESS_COEFFS[:3]),      # wide, direct, 3 iterations
+    (5, 160, 96, True, False, (muon.NS_COEFFS_2025,) * 5),          # tall, direct, the 2025 coefficients
+    (2, 32, 320, False, True, (muon.NS_COEFFS_2025,) * 2),          # one micro tile high, Gram
+])
+def test_polar_kernel_equals_the_xla_iteration(k, r, c, right, gram, coeffs):
+    W = _unit_stack(k, r, c)
+    ref = (muon._iterate_gram if gram else muon._iterate_direct)(W, coeffs, right)
+    out = jax.jit(lambda w: attention_cpu.polar_iterate(w, coeffs, right, gram))(W)
+    assert out.shape == W.shape
+    assert max_rel(out, ref) < 1e-4
+    if len(coeffs) == 5:   # the whole iteration did its job: singular values in the polynomial's band around 1
+        s = np.linalg.svd(np.asarray(out[0], np.float64), compute_uv=False)
+        assert 0.3 < s.min() and s.max() < 1.3
+
+
+def test_polar_kernel_takes_stacks_of_two_matrices_per_core_with_sides_of_32():
+    cores = len(os.sched_getaffinity(0))
+    assert attention_cpu.supports_polar(jnp.zeros((2 * cores, 64, 96)))
+    assert not attention_cpu.supports_polar(jnp.zeros((2 * cores - 1, 64, 96)))    # fewer matrices than threads x 2
+    assert not attention_cpu.supports_polar(jnp.zeros((2 * cores, 48, 96)))        # a side not a multiple of 32
+    assert not attention_cpu.supports_polar(jnp.zeros((2 * cores, 64, 96), jnp.bfloat16))
+
+
+def test_muon_takes_the_polar_kernel_on_cpu_and_equals_its_xla_path(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    n = 2 * cores
+    keys = jax.random.split(jax.random.PRNGKey(3), 3 * n)
+    shapes = [(64, 64)] * n + [(64, 256)] * n + [(256, 64)] * n    # squares; MLP c_fc and c_proj (Gram form)
+    params = {str(i): jax.random.normal(keys[i], s) * 0.1 for i, s in enumerate(shapes)}
+    grads = {str(i): jax.random.normal(keys[-1 - i], s) for i, s in enumerate(shapes)}
+    tx = muon.muon(0.02, weight_decay=0.1)
+    calls = []
+    real = attention_cpu.polar_iterate
+    monkeypatch.setattr(attention_cpu, "polar_iterate", lambda *a: calls.append(a[2:]) or real(*a))
+    upd, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert sorted(calls) == [(False, False), (False, True), (True, True)]   # (right, gram) per stack
+    monkeypatch.setattr(attention_cpu, "supports_polar", lambda w: False)
+    ref, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for key in params:
+        assert max_rel(upd[key], ref[key]) < 1e-4, key

@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "attention_cpu.cc", CSRC / "xent_cpu.cc")   # compiled together; both include csrc/simd.h
+SOURCES = (CSRC / "attention_cpu.cc", CSRC / "xent_cpu.cc", CSRC / "muon_cpu.cc")   # one library; all include simd.h
 BLOCK = 64          # the kernel's query/key block: T must be a multiple
 HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
 _TARGETS = {"nanochat_attention_fwd": "NanochatAttentionForward", "nanochat_attention_bwd": "NanochatAttentionBackward",
-            "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent"}
+            "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent",
+            "nanochat_polar_iterate": "NanochatPolarIterate"}
 
 
 def _cpu_id() -> str:
@@ -147,3 +148,23 @@ def softcap_xent(z, targets, vocab: int, cap: float, grad: bool = True):
     out = (jax.ShapeDtypeStruct(z.shape[:1], jnp.float32), jax.ShapeDtypeStruct(z.shape, jnp.float32))
     return jax.ffi.ffi_call("nanochat_softcap_xent", out, input_output_aliases={0: 1})(
         z, targets.astype(jnp.int32), vocab=np.int64(vocab), cap=np.float32(cap), grad=bool(grad))
+
+
+POLAR_MULTIPLE = 32   # both sides of a matrix the Muon kernel takes: a multiple of its micro-kernel's width
+
+
+def supports_polar(w) -> bool:
+    """Whether polar_iterate takes this (k, r, c) stack: fp32, both sides multiples of 32, and at least two
+    matrices per core (the kernel runs one matrix per thread; with fewer, XLA's per-product threading wins)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (w.ndim == 3 and w.dtype == jnp.float32 and w.shape[1] % POLAR_MULTIPLE == 0
+            and w.shape[2] % POLAR_MULTIPLE == 0 and w.shape[0] >= 2 * cores)
+
+
+def polar_iterate(w, coeffs, right: bool, gram: bool):
+    """optim/muon.py's `_iterate` (gram: `_iterate_gram`) on a (k, r, c) fp32 stack in one kernel call, one matrix
+    per thread, the products with a symmetric result computed by halves. coeffs: the (a, b, c) of each iteration."""
+    _require()
+    c = jnp.asarray(np.asarray(coeffs, np.float32).reshape(-1, 3))
+    return jax.ffi.ffi_call("nanochat_polar_iterate", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
+        w, c, right=bool(right), gram=bool(gram))

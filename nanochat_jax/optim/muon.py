@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from nanochat_jax.core.common import compute_dtype
+from nanochat_jax.model import attention_cpu
 from nanochat_jax.optim.buckets import MIN_SPLIT_WORK, bucket_leaves, split_over_devices, stack_leaves
 
 # 2025: quintic Newton-Schulz coefficients, tuned to maximise the slope at zero (Keller Jordan's Muon)
@@ -45,15 +46,24 @@ GRAM_MIN_ASPECT = 2   # long side / short side from which _iterate_gram does few
 
 
 def _iterate(W, coeffs, right: bool = False):
-    """The iteration on nanochat's wide matrix X (m <= n): A = X X^T, X = (aI + bA + cA^2) X. With `right`, W is
-    a tall X^T in our layout and the same polynomial runs from the right: A = W^T W, W = W (aI + bA + cA^2), which
-    is exactly the transpose of the left form (A is symmetric), so no transposed copy of W is ever made. nanochat
-    writes the last step as aX + (bA + cA^2) X; folding a into the small m x m matrix is the same polynomial
-    without a pass over the large X (and XLA:CPU runs the folded form at full speed). An fp32 X at least
-    GRAM_MIN_ASPECT times wider than tall takes the same polynomial through its Gram matrix (`_iterate_gram`)."""
+    """The polynomial iteration on nanochat's wide matrix X (m <= n): A = X X^T, X = (aI + bA + cA^2) X for each
+    (a, b, c) in coeffs. With `right`, W is a tall X^T in our layout and the same polynomial runs from the right:
+    A = W^T W, W = W (aI + bA + cA^2), exactly the transpose of the left form (A is symmetric), so no transposed copy
+    of W is ever made. An fp32 X at least GRAM_MIN_ASPECT times wider than tall takes the polynomial through its Gram
+    matrix (`_iterate_gram`), others the direct form (`_iterate_direct`); on CPU, a stack the C++ kernel takes runs
+    there, in the same form (attention_cpu.polar_iterate)."""
     m, n = sorted(W.shape[-2:])
-    if W.dtype == jnp.float32 and n >= GRAM_MIN_ASPECT * m:
-        return _iterate_gram(W, coeffs, right)
+    gram = W.dtype == jnp.float32 and n >= GRAM_MIN_ASPECT * m
+    stack = W.reshape((-1,) + W.shape[-2:])
+    if jax.default_backend() == "cpu" and attention_cpu.supports_polar(stack) and attention_cpu.available():
+        return attention_cpu.polar_iterate(stack, coeffs, right, gram).reshape(W.shape)
+    return (_iterate_gram if gram else _iterate_direct)(W, coeffs, right)
+
+
+def _iterate_direct(W, coeffs, right: bool = False):
+    """`_iterate` in nanochat's form, A recomputed from X at every iteration. nanochat writes the last step as
+    aX + (bA + cA^2) X; folding a into the small m x m matrix is the same polynomial without a pass over the large X
+    (and XLA:CPU runs the folded form at full speed)."""
     k = W.shape[-1] if right else W.shape[-2]
     eye = jnp.eye(k, dtype=W.dtype)
     for a, b, c in coeffs:

@@ -27,32 +27,7 @@ namespace {
 
 using namespace nanochat;
 
-#if defined(__AVX512F__)
-constexpr int MR = 8;   // micro-kernel rows: 2 x MR accumulators + 2 B vectors of 32 registers
-#else
-constexpr int MR = 4;   // 2 x 4 accumulators + 2 B vectors + 1 broadcast of 16 registers
-#endif
-constexpr int NR = 2 * W;  // micro-kernel columns
 constexpr int BQ = 64;     // query rows per block; key ranges are multiples of 64 too
-
-// C (MR x NR) (+)= A (MR x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r].
-template <bool AT>
-inline void micro(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int k, bool acc) {
-  vf c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) {
-    c0[r] = acc ? load(C + r * ldc) : vf{};
-    c1[r] = acc ? load(C + r * ldc + W) : vf{};
-  }
-  for (int p = 0; p < k; ++p) {
-    const vf b0 = load(B + p * ldb), b1 = load(B + p * ldb + W);
-    for (int r = 0; r < MR; ++r) {
-      const float a = AT ? A[p * lda + r] : A[r * lda + p];
-      c0[r] += a * b0;
-      c1[r] += a * b1;
-    }
-  }
-  for (int r = 0; r < MR; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
-}
 
 // C (m x n) = A (m x k) B (k x n), or += with acc. m % MR == 0, n % NR == 0.
 void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k, bool acc) {

@@ -1,5 +1,6 @@
-// SIMD helpers shared by the CPU kernels (attention_cpu.cc, xent_cpu.cc): GCC vector types of the machine's widest
-// float vector, a vectorised exp, and a parallel loop on XLA's intra-op thread pool.
+// SIMD helpers shared by the CPU kernels (attention_cpu.cc, xent_cpu.cc, muon_cpu.cc): GCC vector types of the
+// machine's widest float vector, the register-blocked matmul micro-kernel, a vectorised exp, and a parallel loop on
+// XLA's intra-op thread pool.
 #pragma once
 
 #include <algorithm>
@@ -33,6 +34,32 @@ inline vf splat(float x) { return vf{} + x; }
 inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
 inline vi iota() { vi v; for (int i = 0; i < W; ++i) v[i] = i; return v; }
+
+#if defined(__AVX512F__)
+constexpr int MR = 8;   // micro-kernel rows: 2 x MR accumulators + 2 B vectors of 32 registers
+#else
+constexpr int MR = 4;   // 2 x 4 accumulators + 2 B vectors + 1 broadcast of 16 registers
+#endif
+constexpr int NR = 2 * W;  // micro-kernel columns
+
+// C (MR x NR) (+)= A (MR x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r].
+template <bool AT>
+inline void micro(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int k, bool acc) {
+  vf c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = acc ? load(C + r * ldc) : vf{};
+    c1[r] = acc ? load(C + r * ldc + W) : vf{};
+  }
+  for (int p = 0; p < k; ++p) {
+    const vf b0 = load(B + p * ldb), b1 = load(B + p * ldb + W);
+    for (int r = 0; r < MR; ++r) {
+      const float a = AT ? A[p * lda + r] : A[r * lda + p];
+      c0[r] += a * b0;
+      c1[r] += a * b1;
+    }
+  }
+  for (int r = 0; r < MR; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
+}
 
 // exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
 // bits, e^r by Cephes' degree-6 polynomial (relative error ~1e-7). Inputs below -87 are clamped (e^-87 ~ 1.6e-38,
