@@ -22,7 +22,7 @@ namespace {
 
 using namespace nanochat;
 
-constexpr int KC = 128;   // k-chunk: a packed B panel (KC x NR) stays in L1 over a row sweep
+constexpr int KC = 4096 / NR;   // k-chunk: a packed B panel (KC x NR, 16 KB) stays in L1 over a row sweep
 #if defined(__AVX512F__)
 constexpr int MP = 12;    // rows of a micro tile: 2 x 12 accumulators + 2 B vectors + 1 broadcast of 32 registers
 #else
