@@ -112,6 +112,9 @@ def test_a_failed_build_warns_once_and_leaves_the_xla_path(monkeypatch, tmp_path
         x, w, targets = _head(40, 32, 64, 60)
         losses = model.head_losses(x, w, targets, 60)
         np.testing.assert_allclose(losses, _plain_head(x, w, targets, 60), rtol=1e-5, atol=1e-6)
+        W = _unit_stack(16, 64, 64)
+        coeffs = muon.POLAR_EXPRESS_COEFFS
+        np.testing.assert_array_equal(muon._iterate(W, coeffs), muon._iterate_direct(W, coeffs))
     finally:
         monkeypatch.undo()
         attention_cpu.available.cache_clear()

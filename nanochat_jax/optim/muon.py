@@ -10,7 +10,9 @@ Layout: our weights are JAX (in, out); nanochat's "rows" are the output dim = ou
 
 Muon works on stacks of the matrices that nanochat iterates on with the same (wide) shape, c_fc and c_proj
 together, each kept in our layout (a tall one iterates from the right, the transpose of nanochat's form), and keeps
-its state in those stacks; `optim/buckets.py` forms the stacks and splits them over the devices.
+its state in those stacks; `optim/buckets.py` forms the stacks and splits them over the devices. In fp32 the MLP
+stacks iterate through their Gram matrix (`_iterate_gram`: the same polynomial, fewer products), and on CPU every
+stack the C++ kernel takes (model/csrc/muon_cpu.cc) runs there.
 """
 
 from __future__ import annotations
