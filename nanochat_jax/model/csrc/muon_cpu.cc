@@ -29,25 +29,6 @@ constexpr int MP = 12;    // rows of a micro tile: 2 x 12 accumulators + 2 B vec
 constexpr int MP = 6;     // 2 x 6 accumulators + 2 B vectors + 1 broadcast of 16 registers
 #endif
 
-// C (R x NR) (+)= a b for a packed A panel (k steps of R values) and a packed B panel (k steps of NR values).
-template <int R>
-inline void tile(const float* a, const float* b, float* C, int ldc, int k, bool acc) {
-  vf c0[R], c1[R];
-  for (int r = 0; r < R; ++r) {
-    c0[r] = acc ? load(C + r * ldc) : vf{};
-    c1[r] = acc ? load(C + r * ldc + W) : vf{};
-  }
-  for (int p = 0; p < k; ++p) {
-    const vf b0 = load(b + p * NR), b1 = load(b + p * NR + W);
-    for (int r = 0; r < R; ++r) {
-      const float x = a[p * R + r];
-      c0[r] += x * b0;
-      c1[r] += x * b1;
-    }
-  }
-  for (int r = 0; r < R; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
-}
-
 // Packing buffers for `product`, one set per thread: the A chunk of every row (rows x KC) and one B panel.
 struct Packs {
   std::vector<float> a, b;
@@ -78,8 +59,8 @@ void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float*
       for (int p = 0; p < kc; ++p) std::memcpy(bp + p * NR, B + (p0 + p) * ldb + j, NR * sizeof(float));
       const int rows = sym ? std::min(m, j + NR) : m;   // tiles starting above row j + NR reach the diagonal
       for (int i = 0; i < rows; i += rows_at(i)) {
-        if (rows_at(i) == MP) tile<MP>(ap + i * kc, bp, C + i * ldc + j, ldc, kc, p0 > 0);
-        else tile<2>(ap + i * kc, bp, C + i * ldc + j, ldc, kc, p0 > 0);
+        if (rows_at(i) == MP) micro<true, MP>(ap + i * kc, MP, bp, NR, C + i * ldc + j, ldc, kc, p0 > 0);
+        else micro<true, 2>(ap + i * kc, 2, bp, NR, C + i * ldc + j, ldc, kc, p0 > 0);
       }
     }
   }

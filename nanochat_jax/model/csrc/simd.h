@@ -42,23 +42,24 @@ constexpr int MR = 4;   // 2 x 4 accumulators + 2 B vectors + 1 broadcast of 16 
 #endif
 constexpr int NR = 2 * W;  // micro-kernel columns
 
-// C (MR x NR) (+)= A (MR x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r].
-template <bool AT>
+// C (R x NR) (+)= A (R x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r] (a packed
+// panel has lda = R).
+template <bool AT, int R = MR>
 inline void micro(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int k, bool acc) {
-  vf c0[MR], c1[MR];
-  for (int r = 0; r < MR; ++r) {
+  vf c0[R], c1[R];
+  for (int r = 0; r < R; ++r) {
     c0[r] = acc ? load(C + r * ldc) : vf{};
     c1[r] = acc ? load(C + r * ldc + W) : vf{};
   }
   for (int p = 0; p < k; ++p) {
     const vf b0 = load(B + p * ldb), b1 = load(B + p * ldb + W);
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < R; ++r) {
       const float a = AT ? A[p * lda + r] : A[r * lda + p];
       c0[r] += a * b0;
       c1[r] += a * b1;
     }
   }
-  for (int r = 0; r < MR; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
+  for (int r = 0; r < R; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
 }
 
 // exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
