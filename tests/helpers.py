@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def max_rel(a, b) -> float:
     """The fixture README's error: max|a-b| / max|b| over the tensor."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@contextlib.contextmanager
+def direct_muon():
+    """Muon in nanochat's direct form through XLA, for tests that compare two computations of one step (sharded and
+    not, accumulated and not). The Gram form (optim/muon.py, _iterate_gram) carries rounding in A through all
+    iterations, so inputs that differ by fp32 rounding (a gradient summed in another order, a stack batched or split
+    differently, the CPU kernel against XLA) give updates that differ by up to ~1e-4 in the directions of the
+    smallest singular values; the direct form shows what the compared machinery itself changes, which must stay
+    within 1e-5. tests/test_attention_cpu.py checks the kernel and the Gram form against the XLA forms."""
+    import importlib
+    from nanochat_jax.model import attention_cpu
+    muon_mod = importlib.import_module("nanochat_jax.optim.muon")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_cpu, "supports_polar", lambda w: False)
+        mp.setattr(muon_mod, "GRAM_MIN_ASPECT", float("inf"))
+        yield

@@ -1,7 +1,6 @@
 """Facts about nanochat_jax/core/sharding.py (on 8 fake CPU devices, see conftest): meshes, the rules table, and
 one train step in dp / fsdp / data4 x model2 giving the single-device result."""
 
-import importlib
 import os
 
 # XLA:CPU's concurrency-optimised scheduler lets fake devices enter independent collectives (the model-axis
@@ -17,6 +16,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers import direct_muon  # noqa: E402
+
 from nanochat_jax import optim
 from nanochat_jax.core import sharding
 from nanochat_jax.train import step as train  # noqa: E402
@@ -25,17 +26,9 @@ from nanochat_jax.core.config import ModelConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def direct_muon():
-    """Muon in nanochat's direct form through XLA on both sides of every comparison here. The Gram form
-    (optim/muon.py, _iterate_gram) carries rounding in A through all iterations, so a stack split into other batch
-    sizes, or run by the CPU kernel on one device and by XLA on eight, differs by up to ~1e-4 of an element there
-    (tests/test_attention_cpu.py checks the kernel against the XLA forms); the direct form shows what sharding
-    itself changes, which must be nothing beyond 1e-5."""
-    from nanochat_jax.model import attention_cpu
-    muon_mod = importlib.import_module("nanochat_jax.optim.muon")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attention_cpu, "supports_polar", lambda w: False)
-        mp.setattr(muon_mod, "GRAM_MIN_ASPECT", float("inf"))
+def _direct_muon():
+    """Every comparison here in Muon's direct form (helpers.direct_muon says why)."""
+    with direct_muon():
         yield
 
 
