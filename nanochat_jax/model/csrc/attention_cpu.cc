@@ -56,10 +56,6 @@ void gather(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, 
 void scatter(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, int64_t N) {
   for (int64_t t = 0; t < s.T; ++t) std::memcpy(dst + ((b * s.T + t) * N + h) * s.D, src + t * s.D, s.D * 4);
 }
-void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {   // (rows, cols) -> (cols, rows)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-}
 
 // Row i of a block (absolute position pos) over keys [ks, ke): the valid columns are lo..hi.
 struct Row {

@@ -69,11 +69,6 @@ void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float*
       for (int j = 0; j < i; ++j) C[i * ldc + j] = C[j * ldc + i];
 }
 
-void transpose(const float* src, float* dst, int rows, int cols) {   // (rows, cols) -> (cols, rows)
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
-}
-
 struct Iteration {
   int64_t r, c;          // one matrix of the stack, our layout
   bool right, gram;
@@ -86,6 +81,7 @@ struct Iteration {
 // One matrix: w (r x c) -> out (r x c).
 void iterate(const Iteration& s, const float* w, float* out) {
   const int m = s.m(), n = s.n();
+  if (s.steps == 0) { std::memcpy(out, w, sizeof(float) * m * n); return; }
   Packs pk(std::max(m, n));
   std::vector<float> buf(5 * m * m + (s.right ? 0 : n * m) + (s.gram ? 0 : 2 * m * n));
   float *A = buf.data(), *A2 = A + m * m, *P = A2 + m * m, *T = P + m * m, *Q = T + m * m, *Xt = Q + m * m;
@@ -127,8 +123,7 @@ void iterate(const Iteration& s, const float* w, float* out) {
         std::swap(A, T);
       }
     }
-    if (s.steps == 0) std::memcpy(out, w, sizeof(float) * m * n);
-    else apply(Q, w, out);
+    apply(Q, w, out);
     return;
   }
   const float* x = w;
@@ -140,7 +135,6 @@ void iterate(const Iteration& s, const float* w, float* out) {
     apply(P, x, y);
     x = y;
   }
-  if (s.steps == 0) std::memcpy(out, w, sizeof(float) * m * n);
 }
 
 ffi::Error PolarIterate(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> coeffs,

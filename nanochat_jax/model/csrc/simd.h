@@ -1,6 +1,6 @@
 // SIMD helpers shared by the CPU kernels (attention_cpu.cc, xent_cpu.cc, muon_cpu.cc): GCC vector types of the
-// machine's widest float vector, the register-blocked matmul micro-kernel, a vectorised exp, and a parallel loop on
-// XLA's intra-op thread pool.
+// machine's widest float vector, the register-blocked matmul micro-kernel, a transpose, a vectorised exp, and a
+// parallel loop on XLA's intra-op thread pool.
 #pragma once
 
 #include <algorithm>
@@ -60,6 +60,11 @@ inline void micro(const float* A, int lda, const float* B, int ldb, float* C, in
     }
   }
   for (int r = 0; r < R; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
+}
+
+inline void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {   // (rows, cols) -> (cols, rows)
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
 }
 
 // exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
