@@ -3,8 +3,8 @@
 //
 // Why: XLA:CPU runs attention as separate batched matmuls and elementwise passes over (B, H, T, T) score arrays that
 // live in DRAM; here each (batch, kv head) is one work item whose per-query-block scores (64 x keys) stay in the
-// core's L2 cache, the products run through a register-blocked SIMD micro-kernel, and key blocks a query block
-// cannot see (causal order, sliding window) are skipped. The backward pass recomputes the probabilities from the
+// core's L2 cache, the products run through simd.h's packed register-blocked product, and key blocks a query
+// block cannot see (causal order, sliding window) are skipped. The backward pass recomputes the probabilities from the
 // saved log-sum-exp (FlashAttention-2's recipe, without the online softmax: a 64-row block's whole key range fits
 // in L2 at the sequence lengths this CPU path serves).
 //
@@ -29,16 +29,14 @@ using namespace nanochat;
 
 constexpr int BQ = 64;     // query rows per block; key ranges are multiples of 64 too
 
-// C (m x n) = A (m x k) B (k x n), or += with acc. m % MR == 0, n % NR == 0.
-void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k, bool acc) {
-  for (int i = 0; i < m; i += MR)
-    for (int j = 0; j < n; j += NR) micro<false>(A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, k, acc);
+// C (m x n) = A (m x k) B (k x n), or += with acc; C (n x d) += A^T B for A (m x n), B (m x d). Both through the
+// packed micro-kernel of simd.h: its panels stream contiguous whatever the operands' power-of-two row strides.
+void gemm(Packs& pk, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k,
+          bool acc) {
+  product<false>(pk, A, lda, B, ldb, C, ldc, m, n, k, false, acc);
 }
-
-// C (n x d) += A^T B for A (m x n), B (m x d). n % MR == 0, d % NR == 0.
-void gemm_tn(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int d) {
-  for (int i = 0; i < n; i += MR)
-    for (int j = 0; j < d; j += NR) micro<true>(A + i, lda, B + j, ldb, C + i * ldc + j, ldc, m, true);
+void gemm_tn(Packs& pk, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int d) {
+  product<true>(pk, A, lda, B, ldb, C, ldc, n, d, m, false, true);
 }
 
 struct Shape {
@@ -102,6 +100,7 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float*
   parallel_for(pool, s.B * s.KV, [&](int64_t item) {
     const int64_t b = item / s.KV, n = item % s.KV;
     std::vector<float> kc(T * D), kt(D * T), vc(T * D), qc(T * D), oc(T * D), sc(BQ * T), inv(BQ);
+    Packs pk(T);
     gather(k, kc.data(), s, b, n, s.KV);
     gather(v, vc.data(), s, b, n, s.KV);
     transpose(kc.data(), kt.data(), T, D);
@@ -110,11 +109,11 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float*
       float* lse_h = lse + (b * s.H + h) * T;
       for (int64_t r0 = 0; r0 < T; r0 += BQ) {
         const int64_t ks = s.ks(r0), ke = r0 + BQ, nk = ke - ks;
-        gemm(qc.data() + r0 * D, D, kt.data() + ks, T, sc.data(), T, BQ, nk, D, false);     // scores
+        gemm(pk, qc.data() + r0 * D, D, kt.data() + ks, T, sc.data(), T, BQ, nk, D, false);     // scores
         for (int64_t i = 0; i < BQ; ++i)
           lse_h[r0 + i] = softmax_row(sc.data() + i * T, ks, ke, Row(s, r0 + i), s.scale, &inv[i]);
         float* out = oc.data() + r0 * D;
-        gemm(sc.data(), T, vc.data() + ks * D, D, out, D, BQ, D, nk, false);                  // P V
+        gemm(pk, sc.data(), T, vc.data() + ks * D, D, out, D, BQ, D, nk, false);                  // P V
         for (int64_t i = 0; i < BQ; ++i)
           for (int64_t d = 0; d < D; d += W) store(out + i * D + d, load(out + i * D + d) * inv[i]);
       }
@@ -130,6 +129,7 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
     const int64_t b = item / s.KV, n = item % s.KV;
     std::vector<float> kc(T * D), kt(D * T), vt(D * T), tmp(T * D), qc(T * D), doc(T * D), dqc(T * D),
         dkc(T * D, 0.f), dvc(T * D, 0.f), pc(BQ * T), dpc(BQ * T), delta(T);
+    Packs pk(T);
     gather(k, kc.data(), s, b, n, s.KV);
     transpose(kc.data(), kt.data(), T, D);
     gather(v, tmp.data(), s, b, n, s.KV);
@@ -148,18 +148,18 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
         const int64_t ks = s.ks(r0), ke = r0 + BQ, nk = ke - ks;
         const float* qb = qc.data() + r0 * D;
         const float* dob = doc.data() + r0 * D;
-        gemm(qb, D, kt.data() + ks, T, pc.data(), T, BQ, nk, D, false);                       // scores
+        gemm(pk, qb, D, kt.data() + ks, T, pc.data(), T, BQ, nk, D, false);                       // scores
         for (int64_t i = 0; i < BQ; ++i) probs_row(pc.data() + i * T, ks, ke, Row(s, r0 + i), s.scale, lse_h[r0 + i]);
-        gemm_tn(pc.data(), T, dob, D, dvc.data() + ks * D, D, BQ, nk, D);                     // dV += P^T dO
-        gemm(dob, D, vt.data() + ks, T, dpc.data(), T, BQ, nk, D, false);                     // dP = dO V^T
+        gemm_tn(pk, pc.data(), T, dob, D, dvc.data() + ks * D, D, BQ, nk, D);                     // dV += P^T dO
+        gemm(pk, dob, D, vt.data() + ks, T, dpc.data(), T, BQ, nk, D, false);                     // dP = dO V^T
         for (int64_t i = 0; i < BQ; ++i) {                                                     // dS = P (dP - delta)
           float* p = pc.data() + i * T;
           const float* dp = dpc.data() + i * T;
           const vf di = splat(delta[r0 + i]);
           for (int64_t j = 0; j < nk; j += W) store(p + j, load(p + j) * (load(dp + j) - di) * s.scale);
         }
-        gemm(pc.data(), T, kc.data() + ks * D, D, dqc.data() + r0 * D, D, BQ, D, nk, false);  // dQ = dS K
-        gemm_tn(pc.data(), T, qb, D, dkc.data() + ks * D, D, BQ, nk, D);                      // dK += dS^T Q
+        gemm(pk, pc.data(), T, kc.data() + ks * D, D, dqc.data() + r0 * D, D, BQ, D, nk, false);  // dQ = dS K
+        gemm_tn(pk, pc.data(), T, qb, D, dkc.data() + ks * D, D, BQ, nk, D);                      // dK += dS^T Q
       }
       scatter(dqc.data(), dq, s, b, h, s.H);
     }

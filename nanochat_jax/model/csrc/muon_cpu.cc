@@ -22,53 +22,6 @@ namespace {
 
 using namespace nanochat;
 
-constexpr int KC = 4096 / NR;   // k-chunk: a packed B panel (KC x NR, 16 KB) stays in L1 over a row sweep
-#if defined(__AVX512F__)
-constexpr int MP = 12;    // rows of a micro tile: 2 x 12 accumulators + 2 B vectors + 1 broadcast of 32 registers
-#else
-constexpr int MP = 6;     // 2 x 6 accumulators + 2 B vectors + 1 broadcast of 16 registers
-#endif
-
-// Packing buffers for `product`, one set per thread: the A chunk of every row (rows x KC) and one B panel.
-struct Packs {
-  std::vector<float> a, b;
-  explicit Packs(int max_rows) : a(static_cast<size_t>(max_rows) * KC), b(KC * NR) {}
-};
-
-// C (m x n) = A (m x k) B (k x n), row-major with leading dimensions; AT: A is stored transposed (k x m, lda).
-// GotoBLAS's loop order: per k-chunk, A's rows packed into panels of MP rows (2 for the last few: m is even), each
-// k step's values contiguous, then per column panel the B panel packed contiguous (kc x NR) and swept by every row
-// panel, so both operands stream from contiguous memory whatever their leading dimensions (power-of-two strides
-// would map a panel's rows to a few cache sets). sym: C is symmetric (m == n), so only the tiles that reach the
-// diagonal or lie above it are computed, and the lower triangle is then copied from the upper one.
-// m % 2 == 0, n % NR == 0.
-template <bool AT>
-void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k,
-             bool sym) {
-  float *ap = pk.a.data(), *bp = pk.b.data();
-  auto rows_at = [m](int i) { return m - i >= MP ? MP : 2; };
-  for (int p0 = 0; p0 < k; p0 += KC) {
-    const int kc = std::min(KC, k - p0);
-    for (int i = 0; i < m; i += rows_at(i)) {
-      const int R = rows_at(i);
-      float* dst = ap + i * kc;
-      for (int p = 0; p < kc; ++p)
-        for (int r = 0; r < R; ++r) dst[p * R + r] = AT ? A[(p0 + p) * lda + i + r] : A[(i + r) * lda + p0 + p];
-    }
-    for (int j = 0; j < n; j += NR) {
-      for (int p = 0; p < kc; ++p) std::memcpy(bp + p * NR, B + (p0 + p) * ldb + j, NR * sizeof(float));
-      const int rows = sym ? std::min(m, j + NR) : m;   // tiles starting above row j + NR reach the diagonal
-      for (int i = 0; i < rows; i += rows_at(i)) {
-        if (rows_at(i) == MP) micro<true, MP>(ap + i * kc, MP, bp, NR, C + i * ldc + j, ldc, kc, p0 > 0);
-        else micro<true, 2>(ap + i * kc, 2, bp, NR, C + i * ldc + j, ldc, kc, p0 > 0);
-      }
-    }
-  }
-  if (sym)
-    for (int i = 1; i < m; ++i)
-      for (int j = 0; j < i; ++j) C[i * ldc + j] = C[j * ldc + i];
-}
-
 struct Iteration {
   int64_t r, c;          // one matrix of the stack, our layout
   bool right, gram;

@@ -1,6 +1,6 @@
 // SIMD helpers shared by the CPU kernels (attention_cpu.cc, xent_cpu.cc, muon_cpu.cc): GCC vector types of the
-// machine's widest float vector, the register-blocked matmul micro-kernel, a transpose, a vectorised exp, and a
-// parallel loop on XLA's intra-op thread pool.
+// machine's widest float vector, the register-blocked matmul micro-kernel and the packed product around it, a
+// transpose, a vectorised exp, and a parallel loop on XLA's intra-op thread pool.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -35,16 +36,11 @@ inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; re
 inline float hmax(vf v) { float m = v[0]; for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m; return m; }
 inline vi iota() { vi v; for (int i = 0; i < W; ++i) v[i] = i; return v; }
 
-#if defined(__AVX512F__)
-constexpr int MR = 8;   // micro-kernel rows: 2 x MR accumulators + 2 B vectors of 32 registers
-#else
-constexpr int MR = 4;   // 2 x 4 accumulators + 2 B vectors + 1 broadcast of 16 registers
-#endif
 constexpr int NR = 2 * W;  // micro-kernel columns
 
 // C (R x NR) (+)= A (R x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r] (a packed
 // panel has lda = R).
-template <bool AT, int R = MR>
+template <bool AT, int R>
 inline void micro(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int k, bool acc) {
   vf c0[R], c1[R];
   for (int r = 0; r < R; ++r) {
@@ -60,6 +56,56 @@ inline void micro(const float* A, int lda, const float* B, int ldb, float* C, in
     }
   }
   for (int r = 0; r < R; ++r) { store(C + r * ldc, c0[r]); store(C + r * ldc + W, c1[r]); }
+}
+
+constexpr int KC = 4096 / NR;   // k-chunk: a packed B panel (KC x NR, 16 KB) stays in L1 over a row sweep
+#if defined(__AVX512F__)
+constexpr int MP = 12;    // rows of a micro tile: 2 x 12 accumulators + 2 B vectors + 1 broadcast of 32 registers
+#else
+constexpr int MP = 6;     // 2 x 6 accumulators + 2 B vectors + 1 broadcast of 16 registers
+#endif
+
+// Packing buffers for `product`, one set per thread: the A chunk of every row (rows x KC) and one B panel.
+struct Packs {
+  std::vector<float> a, b;
+  explicit Packs(int max_rows) : a(static_cast<size_t>(max_rows) * KC), b(KC * NR) {}
+};
+
+// C (m x n) = A (m x k) B (k x n), row-major with leading dimensions; AT: A is stored transposed (k x m, lda).
+// GotoBLAS's loop order: per k-chunk, A's rows packed into panels of MP rows (4 or 2 for the last few: m is even), each
+// k step's values contiguous, then per column panel the B panel packed contiguous (kc x NR) and swept by every row
+// panel, so both operands stream from contiguous memory whatever their leading dimensions (power-of-two strides
+// would map a panel's rows to a few cache sets). sym: C is symmetric (m == n), so only the tiles that reach the
+// diagonal or lie above it are computed, and the lower triangle is then copied from the upper one.
+// acc: C += A B instead. m % 2 == 0, n % NR == 0.
+template <bool AT>
+void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k,
+             bool sym, bool acc = false) {
+  float *ap = pk.a.data(), *bp = pk.b.data();
+  auto rows_at = [m](int i) { return m - i >= MP ? MP : m - i >= 4 ? 4 : 2; };
+  for (int p0 = 0; p0 < k; p0 += KC) {
+    const int kc = std::min(KC, k - p0);
+    for (int i = 0; i < m; i += rows_at(i)) {
+      const int R = rows_at(i);
+      float* dst = ap + i * kc;
+      for (int p = 0; p < kc; ++p)
+        for (int r = 0; r < R; ++r) dst[p * R + r] = AT ? A[(p0 + p) * lda + i + r] : A[(i + r) * lda + p0 + p];
+    }
+    for (int j = 0; j < n; j += NR) {
+      for (int p = 0; p < kc; ++p) std::memcpy(bp + p * NR, B + (p0 + p) * ldb + j, NR * sizeof(float));
+      const int rows = sym ? std::min(m, j + NR) : m;   // tiles starting above row j + NR reach the diagonal
+      for (int i = 0; i < rows; i += rows_at(i)) {
+        const int R = rows_at(i);
+        float* c = C + i * ldc + j;
+        if (R == MP) micro<true, MP>(ap + i * kc, MP, bp, NR, c, ldc, kc, acc || p0 > 0);
+        else if (R == 4) micro<true, 4>(ap + i * kc, 4, bp, NR, c, ldc, kc, acc || p0 > 0);
+        else micro<true, 2>(ap + i * kc, 2, bp, NR, c, ldc, kc, acc || p0 > 0);
+      }
+    }
+  }
+  if (sym)
+    for (int i = 1; i < m; ++i)
+      for (int j = 0; j < i; ++j) C[i * ldc + j] = C[j * ldc + i];
 }
 
 inline void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {   // (rows, cols) -> (cols, rows)
