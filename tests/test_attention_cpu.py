@@ -260,3 +260,46 @@ def test_muon_takes_the_polar_kernel_on_cpu_and_equals_its_xla_path(monkeypatch)
     ref, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     for key in params:
         assert max_rel(upd[key], ref[key]) < 1e-4, key
+
+
+@pytest.mark.parametrize("lead,k,n", [
+    ((1,), 512, 512),     # one row; two threads' ranges of w's rows
+    ((3,), 100, 96),      # one thread (w under 64 KB); k not a multiple of the kernel's 16-row chunk
+    ((8, 1), 300, 2048),  # a decode step's (B, 1, k) activations; threaded, k not a multiple of 16 either
+    ((13,), 64, 8192),    # a full register group of rows and a remainder; wide
+    ((16,), 2048, 64),    # the most rows it serves; tall
+])
+def test_small_matmul_equals_the_product(lead, k, n):
+    kx, kw = jax.random.split(jax.random.PRNGKey(sum(lead) + k + n))
+    x, w = jax.random.normal(kx, (*lead, k)), jax.random.normal(kw, (k, n))
+    assert attention_cpu.supports_small(x, w)
+    y = jax.jit(attention_cpu.small_matmul)(x, w)
+    assert y.shape == (*lead, n)
+    assert max_rel(np.asarray(y), np.asarray(x, np.float64) @ np.asarray(w, np.float64)) < 1e-5
+
+
+def test_small_matmul_takes_up_to_16_rows_and_widths_of_32():
+    w = jnp.zeros((64, 96))
+    assert attention_cpu.supports_small(jnp.zeros((2, 8, 64)), w)
+    assert not attention_cpu.supports_small(jnp.zeros((17, 64)), w)                    # a GEMM's work
+    assert not attention_cpu.supports_small(jnp.zeros((8, 64)), jnp.zeros((64, 48)))   # width not a multiple of 32
+    assert not attention_cpu.supports_small(jnp.zeros((8, 64), jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert not attention_cpu.supports_small(jnp.zeros((0, 64)), w)
+
+
+def test_linear_takes_the_small_kernel_for_decode_rows_and_keeps_its_gradient(monkeypatch):
+    calls = []
+    real = attention_cpu.small_matmul
+    monkeypatch.setattr(attention_cpu, "small_matmul", lambda x, w: calls.append(x.shape) or real(x, w))
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(7), 3)
+    x, w = jax.random.normal(kx, (4, 1, 128)), jax.random.normal(kw, (128, 256)) * 0.1
+    g = jax.random.normal(kg, (4, 1, 256))
+    loss = lambda f: lambda x, w: (f(x, w) * g).sum()   # noqa: E731
+    y, grads = kernels_cpu.linear(x, w), jax.grad(loss(kernels_cpu.linear), argnums=(0, 1))(x, w)
+    assert calls and calls[0] == (4, 1, 128)
+    assert max_rel(np.asarray(y), np.asarray(jnp.dot(x, w))) < 1e-5
+    for a, b in zip(grads, jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)):
+        assert max_rel(np.asarray(a), np.asarray(b)) < 1e-5
+    calls.clear()
+    kernels_cpu.linear(jnp.ones((4, 32, 128)), w)    # a prefill or training batch: XLA's GEMM
+    assert calls == []

@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "attention_cpu.cc", CSRC / "xent_cpu.cc", CSRC / "muon_cpu.cc")   # one library; all include simd.h
+SOURCES = tuple(CSRC / f for f in ("attention_cpu.cc", "xent_cpu.cc", "muon_cpu.cc", "matmul_cpu.cc"))   # one library
 BLOCK = 64          # the kernel's query/key block: T must be a multiple
 HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
 _TARGETS = {"nanochat_attention_fwd": "NanochatAttentionForward", "nanochat_attention_bwd": "NanochatAttentionBackward",
             "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent",
-            "nanochat_polar_iterate": "NanochatPolarIterate"}
+            "nanochat_polar_iterate": "NanochatPolarIterate", "nanochat_small_matmul": "NanochatSmallMatmul"}
 
 
 def _cpu_id() -> str:
@@ -172,3 +172,24 @@ def polar_iterate(w, coeffs, right: bool, gram: bool):
     c = jnp.asarray(np.asarray(coeffs, np.float32).reshape(-1, 3))
     return jax.ffi.ffi_call("nanochat_polar_iterate", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
         w, c, right=bool(right), gram=bool(gram))
+
+
+SMALL_ROWS = (1, 16)   # the rows small_matmul serves (bench/RESULTS.md): one row is XLA's matrix-vector product,
+                       # which streams the weights already; from ~16 rows the product is compute-bound, a GEMM's job
+
+
+def supports_small(x, w) -> bool:
+    """Whether small_matmul takes x (..., k) @ w (k, n): fp32, 2 to 16 rows, n a multiple of 32."""
+    rows = int(np.prod(x.shape[:-1]))
+    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and x.shape[-1] == w.shape[0]
+            and SMALL_ROWS[0] <= rows <= SMALL_ROWS[1] and w.shape[1] % POLAR_MULTIPLE == 0)
+
+
+def small_matmul(x, w):
+    """x (..., k) @ w (k, n) in fp32 for a few rows (csrc/matmul_cpu.cc): the weights streamed once from memory,
+    where XLA:CPU's GEMM for more than one row first copies them into packed panels."""
+    _require()
+    x2 = x.reshape(-1, x.shape[-1])
+    out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), jnp.float32)
+    y = jax.ffi.ffi_call("nanochat_small_matmul", out, vmap_method="sequential")(x2, w)
+    return y.reshape(*x.shape[:-1], w.shape[1])

@@ -42,12 +42,19 @@ def _cpu_matmul(x, w):
     saves a transposed copy of the activation per matrix (bench/RESULTS.md has the measurement). Wider
     (the lm_head) it is much slower than a plain GEMM, so the small (tokens, K) activation is transposed instead (the
     barrier keeps XLA from folding it back) and all three products are plain row-major GEMMs; without that, the
-    (tokens, vocab) cotangent got a 256 MB transposed copy that took longer than the matmuls."""
+    (tokens, vocab) cotangent got a 256 MB transposed copy that took longer than the matmuls.
+    A few rows (a decode step) go through attention_cpu's small-matmul kernel, which streams the weights once."""
+    return _product(x, w)
+
+
+def _product(x, w):
+    if attention_cpu.supports_small(x, w) and attention_cpu.available():
+        return attention_cpu.small_matmul(x, w)
     return jnp.dot(x, w)
 
 
 def _cpu_matmul_fwd(x, w):
-    return jnp.dot(x, w), (x, w)
+    return _product(x, w), (x, w)
 
 
 def _cpu_matmul_bwd(res, g):

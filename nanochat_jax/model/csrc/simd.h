@@ -40,7 +40,9 @@ constexpr int NR = 2 * W;  // micro-kernel columns
 
 // C (R x NR) (+)= A (R x k) B (k x NR); AT: A is stored transposed, element (r, p) at A[p * lda + r] (a packed
 // panel has lda = R).
-template <bool AT, int R>
+// PF: prefetch B's row PF rows ahead (B read once from memory with a long row stride, which the hardware prefetchers
+// do not follow across pages).
+template <bool AT, int R, int PF = 0>
 inline void micro(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int k, bool acc) {
   vf c0[R], c1[R];
   for (int r = 0; r < R; ++r) {
@@ -48,6 +50,9 @@ inline void micro(const float* A, int lda, const float* B, int ldb, float* C, in
     c1[r] = acc ? load(C + r * ldc + W) : vf{};
   }
   for (int p = 0; p < k; ++p) {
+    if constexpr (PF > 0) {
+      for (int line = 0; line < NR * 4; line += 64) __builtin_prefetch(B + (p + PF) * ldb + line / 4);
+    }
     const vf b0 = load(B + p * ldb), b1 = load(B + p * ldb + W);
     for (int r = 0; r < R; ++r) {
       const float a = AT ? A[p * lda + r] : A[r * lda + p];
