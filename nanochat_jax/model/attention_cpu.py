@@ -1,12 +1,14 @@
 """The C++ CPU kernels in csrc/ behind jax.ffi: fused causal attention with its own backward pass
-(csrc/attention_cpu.cc), the LM head's softcapped cross-entropy with its gradient (csrc/xent_cpu.cc) and Muon's
-polynomial iteration over a stack of matrices (csrc/muon_cpu.cc).
+(csrc/attention_cpu.cc), the LM head's softcapped cross-entropy with its gradient (csrc/xent_cpu.cc), Muon's
+polynomial iteration over a stack of matrices (csrc/muon_cpu.cc) and the products of a few rows by a weight matrix
+that a decode step makes (csrc/matmul_cpu.cc).
 
 XLA:CPU computes attention as batched matmuls and elementwise passes over (B, H, T, T) scores in DRAM, at a
 fraction of the machine's matmul rate; the kernel keeps each query block's scores in cache and skips the key blocks
 a query cannot see. The cross-entropy kernel reads each row of logits once and writes its gradient over it while
 the row is in cache. The Muon kernel carries each matrix through all its iterations on one thread while its m x m
-operands stay in cache, and computes the products with a symmetric result by halves (bench/RESULTS.md has the
+operands stay in cache, and computes the products with a symmetric result by halves. The few-rows product reads
+each weight once, whole rows at a time, where XLA:CPU's GEMM repacks the weights (bench/RESULTS.md has the
 measurements). They are built, as one library, on first use with the
 system's C++ compiler ($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU
 (-march=native), and cached under $NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the
@@ -79,9 +81,9 @@ def available() -> bool:
         for name, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError, FileNotFoundError) as e:
-        print(f"nanochat_jax: the fused CPU kernels are unavailable ({e}); attention, the cross-entropy and "
-              "Muon's iteration run through XLA instead (slower). Install a C++ compiler (g++) to enable them.",
-              file=sys.stderr)
+        print(f"nanochat_jax: the fused CPU kernels are unavailable ({e}); attention, the cross-entropy, Muon's "
+              "iteration and the decode products run through XLA instead (slower). Install a C++ compiler (g++) to "
+              "enable them.", file=sys.stderr)
         return False
     return True
 

@@ -2,7 +2,8 @@
 `head_losses`.
 
 Each computes exactly what the plain formula does (tests/test_model.py checks values and gradients against it) and
-takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs,
+takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs
+and whose few-row forms (a decode step) go through the few-rows kernel of attention_cpu,
 causal attention through the fused C++ kernel of attention_cpu (or, where no compiler built it, in query blocks that
 skip the masked-out half of the scores, short windows as bands), and the LM head's softcapped cross-entropy through
 the C++ kernel (loss and gradient in one pass over the logits; where no compiler built it, XLA with a hand-written
