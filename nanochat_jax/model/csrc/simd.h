@@ -88,9 +88,10 @@ void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float*
              bool sym, bool acc = false) {
   float *ap = pk.a.data(), *bp = pk.b.data();
   auto rows_at = [m](int i) { return m - i >= MP ? MP : m - i >= 4 ? 4 : 2; };
+  const bool pack_a = n > 2 * NR;   // A's panels are reused by every column panel: for one or two, read A in place
   for (int p0 = 0; p0 < k; p0 += KC) {
     const int kc = std::min(KC, k - p0);
-    for (int i = 0; i < m; i += rows_at(i)) {
+    for (int i = 0; pack_a && i < m; i += rows_at(i)) {
       const int R = rows_at(i);
       float* dst = ap + i * kc;
       for (int p = 0; p < kc; ++p)
@@ -102,9 +103,15 @@ void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float*
       for (int i = 0; i < rows; i += rows_at(i)) {
         const int R = rows_at(i);
         float* c = C + i * ldc + j;
-        if (R == MP) micro<true, MP>(ap + i * kc, MP, bp, NR, c, ldc, kc, acc || p0 > 0);
-        else if (R == 4) micro<true, 4>(ap + i * kc, 4, bp, NR, c, ldc, kc, acc || p0 > 0);
-        else micro<true, 2>(ap + i * kc, 2, bp, NR, c, ldc, kc, acc || p0 > 0);
+        const bool add = acc || p0 > 0;
+        if (!pack_a) {
+          const float* a = AT ? A + p0 * lda + i : A + i * lda + p0;
+          if (R == MP) micro<AT, MP>(a, lda, bp, NR, c, ldc, kc, add);
+          else if (R == 4) micro<AT, 4>(a, lda, bp, NR, c, ldc, kc, add);
+          else micro<AT, 2>(a, lda, bp, NR, c, ldc, kc, add);
+        } else if (R == MP) micro<true, MP>(ap + i * kc, MP, bp, NR, c, ldc, kc, add);
+        else if (R == 4) micro<true, 4>(ap + i * kc, 4, bp, NR, c, ldc, kc, add);
+        else micro<true, 2>(ap + i * kc, 2, bp, NR, c, ldc, kc, add);
       }
     }
   }
