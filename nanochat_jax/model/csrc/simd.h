@@ -82,7 +82,8 @@ struct Packs {
 // panel, so both operands stream from contiguous memory whatever their leading dimensions (power-of-two strides
 // would map a panel's rows to a few cache sets). sym: C is symmetric (m == n), so only the tiles that reach the
 // diagonal or lie above it are computed, and the lower triangle is then copied from the upper one.
-// acc: C += A B instead. m % 2 == 0, n % NR == 0.
+// For one or two column panels A is read in place instead (its packing would be used once or twice: ~25% of such a
+// product's multiply-adds). acc: C += A B instead. m % 2 == 0, n % NR == 0.
 template <bool AT>
 void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n, int k,
              bool sym, bool acc = false) {
