@@ -176,12 +176,12 @@ def polar_iterate(w, coeffs, right: bool, gram: bool):
         w, c, right=bool(right), gram=bool(gram))
 
 
-SMALL_ROWS = (1, 16)   # the rows small_matmul serves (bench/RESULTS.md): one row is XLA's matrix-vector product,
-                       # which streams the weights already; from ~16 rows the product is compute-bound, a GEMM's job
+SMALL_ROWS = (1, 16)   # the rows small_matmul serves (bench/RESULTS.md): from ~16 rows the product is no longer
+                       # bound by reading the weights but by multiply-adds, a GEMM's job
 
 
 def supports_small(x, w) -> bool:
-    """Whether small_matmul takes x (..., k) @ w (k, n): fp32, 2 to 16 rows, n a multiple of 32."""
+    """Whether small_matmul takes x (..., k) @ w (k, n): fp32, 1 to 16 rows, n a multiple of 32."""
     rows = int(np.prod(x.shape[:-1]))
     return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and x.shape[-1] == w.shape[0]
             and SMALL_ROWS[0] <= rows <= SMALL_ROWS[1] and w.shape[1] % POLAR_MULTIPLE == 0)
