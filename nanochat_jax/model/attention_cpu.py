@@ -7,13 +7,14 @@ XLA:CPU computes attention as batched matmuls and elementwise passes over (B, H,
 fraction of the machine's matmul rate; the kernel keeps each query block's scores in cache and skips the key blocks
 a query cannot see. The cross-entropy kernel reads each row of logits once and writes its gradient over it while
 the row is in cache. The Muon kernel carries each matrix through all its iterations on one thread while its m x m
-operands stay in cache, and computes the products with a symmetric result by halves. The few-rows product reads
+operands stay in cache, and computes the products with a symmetric result by halves; on a CPU with AMX (Intel's
+tile unit) the direct form's products run there as bf16x3 (csrc/amx.h, `polar_splits`). The few-rows product reads
 each weight once, whole rows at a time, where XLA:CPU's GEMM repacks the weights (bench/RESULTS.md has the
 measurements). They are built, as one library, on first use with the
 system's C++ compiler ($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU
 (-march=native), and cached under $NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the
 sources, jaxlib's version and the CPU. Where they cannot be built, `available()` is False, one warning says why,
-and the XLA paths run instead. NANOCHAT_CPU_ATTENTION=0 turns them off."""
+and the XLA paths run instead. NANOCHAT_CPU_ATTENTION=0 turns them off; NANOCHAT_AMX=0 keeps Muon's products in fp32."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _build() -> Path:
     """The compiled kernel library, built now if the cache has none for this source, jaxlib and CPU."""
     cxx = os.environ.get("CXX", "g++")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-    texts = [p.read_text() for p in (*SOURCES, CSRC / "simd.h")]
+    texts = [p.read_text() for p in (*SOURCES, CSRC / "simd.h", CSRC / "amx.h")]
     key = hashlib.sha256("\0".join([*texts, jax.__version__, cxx, *flags, _cpu_id()]).encode())
     cache = Path(os.environ.get("NANOCHAT_KERNEL_CACHE") or Path.home() / ".cache" / "nanochat_jax" / "kernels")
     lib = cache / f"attention_cpu-{key.hexdigest()[:16]}.so"
@@ -70,12 +71,16 @@ def _build() -> Path:
     return lib
 
 
+_LIB = None   # the loaded kernel library, once available() succeeded
+
+
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """True once the kernels are built, loaded and registered with XLA for the CPU; False (with one warning) where it
     cannot be, or when NANOCHAT_CPU_ATTENTION=0."""
     if os.environ.get("NANOCHAT_CPU_ATTENTION", "1").strip() == "0":
         return False
+    global _LIB
     try:
         lib = ctypes.CDLL(str(_build()))
         for name, symbol in _TARGETS.items():
@@ -85,7 +90,15 @@ def available() -> bool:
               "iteration and the decode products run through XLA instead (slower). Install a C++ compiler (g++) to "
               "enable them.", file=sys.stderr)
         return False
+    _LIB = lib
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def amx_ready() -> bool:
+    """Whether the kernels run products on the AMX tile unit here: built with AMX (-march=native on a CPU that has
+    AMX-BF16) and granted the tile state by Linux."""
+    return available() and bool(_LIB.NanochatAmxReady())
 
 
 def supports(q, k) -> bool:
@@ -167,13 +180,25 @@ def supports_polar(w) -> bool:
             and w.shape[2] % POLAR_MULTIPLE == 0 and w.shape[0] >= 2 * cores)
 
 
-def polar_iterate(w, coeffs, right: bool, gram: bool):
+def polar_splits(gram: bool) -> int:
+    """How polar_iterate multiplies by default. The direct form: bf16x3 products on the AMX tile unit where
+    amx_ready() (3), about twice as fast as fp32 there and within ~5e-5 of the fp32 iteration's largest entry after
+    five iterations (2e-4 at most in the tests), the order of the fp32 Gram form's own distance from the direct one.
+    The Gram form stays in fp32 (0): its chain of small products carries bf16x3's rounding up to ~2e-4.
+    NANOCHAT_AMX=0: fp32 throughout."""
+    return 0 if gram or os.environ.get("NANOCHAT_AMX", "1").strip() == "0" or not amx_ready() else 3
+
+
+def polar_iterate(w, coeffs, right: bool, gram: bool, splits: int | None = None):
     """optim/muon.py's `_iterate` (gram: `_iterate_gram`) on a (k, r, c) fp32 stack in one kernel call, one matrix
-    per thread, the products with a symmetric result computed by halves. coeffs: the (a, b, c) of each iteration."""
+    per thread, the products with a symmetric result computed by halves. coeffs: the (a, b, c) of each iteration.
+    splits: the products in fp32 (0), or on the AMX tile unit where the CPU has one (csrc/amx.h) from bf16 operands
+    (1) or from high and low bf16 parts (3, bf16x3); None: polar_splits(gram)."""
     _require()
     c = jnp.asarray(np.asarray(coeffs, np.float32).reshape(-1, 3))
+    splits = polar_splits(gram) if splits is None else splits
     return jax.ffi.ffi_call("nanochat_polar_iterate", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
-        w, c, right=bool(right), gram=bool(gram))
+        w, c, right=bool(right), gram=bool(gram), splits=np.int64(splits))
 
 
 SMALL_ROWS = (1, 16)   # the rows small_matmul serves (bench/RESULTS.md): from ~16 rows the product is no longer
