@@ -54,6 +54,10 @@ void gather(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, 
 void scatter(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, int64_t N) {
   for (int64_t t = 0; t < s.T; ++t) std::memcpy(dst + ((b * s.T + t) * N + h) * s.D, src + t * s.D, s.D * 4);
 }
+// The same rows transposed: dst (D, T) holds head h's values with positions minor.
+void gather_t(const float* src, float* dst, const Shape& s, int64_t b, int64_t h, int64_t N) {
+  transpose(src + (b * s.T * N + h) * s.D, N * s.D, dst, s.T, s.T, s.D);
+}
 
 // Row i of a block (absolute position pos) over keys [ks, ke): the valid columns are lo..hi.
 struct Row {
@@ -99,11 +103,10 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float*
   const int64_t T = s.T, D = s.D;
   parallel_for(pool, s.B * s.KV, [&](int64_t item) {
     const int64_t b = item / s.KV, n = item % s.KV;
-    std::vector<float> kc(T * D), kt(D * T), vc(T * D), qc(T * D), oc(T * D), sc(BQ * T), inv(BQ);
+    std::vector<float> kt(D * T), vc(T * D), qc(T * D), oc(T * D), sc(BQ * T), inv(BQ);
     Packs pk(T);
-    gather(k, kc.data(), s, b, n, s.KV);
+    gather_t(k, kt.data(), s, b, n, s.KV);
     gather(v, vc.data(), s, b, n, s.KV);
-    transpose(kc.data(), kt.data(), T, D);
     for (int64_t h = n * s.G(); h < (n + 1) * s.G(); ++h) {
       gather(q, qc.data(), s, b, h, s.H);
       float* lse_h = lse + (b * s.H + h) * T;
@@ -131,9 +134,8 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
         dkc(T * D, 0.f), dvc(T * D, 0.f), pc(BQ * T), dpc(BQ * T), delta(T);
     Packs pk(T);
     gather(k, kc.data(), s, b, n, s.KV);
-    transpose(kc.data(), kt.data(), T, D);
-    gather(v, tmp.data(), s, b, n, s.KV);
-    transpose(tmp.data(), vt.data(), T, D);
+    gather_t(k, kt.data(), s, b, n, s.KV);
+    gather_t(v, vt.data(), s, b, n, s.KV);
     for (int64_t h = n * s.G(); h < (n + 1) * s.G(); ++h) {
       gather(q, qc.data(), s, b, h, s.H);
       gather(dout, doc.data(), s, b, h, s.H);

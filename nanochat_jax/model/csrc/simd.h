@@ -121,9 +121,19 @@ void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float*
       for (int j = 0; j < i; ++j) C[i * ldc + j] = C[j * ldc + i];
 }
 
+// dst (cols x rows, ldd) = src (rows x cols, lds)^T, in 16 x 16 blocks: a block's 16 source rows and 16 destination
+// rows stay in L1 while it is copied (the row-by-row loop wrote each float to a different cache line).
+inline void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  constexpr int64_t TB = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += TB)
+    for (int64_t j0 = 0; j0 < cols; j0 += TB) {
+      const int64_t i1 = std::min(rows, i0 + TB), j1 = std::min(cols, j0 + TB);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+    }
+}
 inline void transpose(const float* src, float* dst, int64_t rows, int64_t cols) {   // (rows, cols) -> (cols, rows)
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+  transpose(src, cols, dst, rows, rows, cols);
 }
 
 // exp(x) for x <= 0 (scores minus their row max): x = n ln2 + r with |r| <= ln2/2, 2^n written into the exponent
