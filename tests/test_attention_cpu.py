@@ -227,7 +227,7 @@ def _unit_stack(k, r, c, seed=0):
 def test_polar_kernel_equals_the_xla_iteration(k, r, c, right, gram, coeffs):
     W = _unit_stack(k, r, c)
     ref = (muon._iterate_gram if gram else muon._iterate_direct)(W, coeffs, right)
-    # fp32 products, then the default (bf16x3 on the AMX tile unit for the direct form, where the CPU has one)
+    # fp32 products, then the default (bf16x3 on the AMX tile unit, where the CPU has one)
     for splits, tol in ((0, 1e-4), (None, 2e-4)):
         out = jax.jit(lambda w: attention_cpu.polar_iterate(w, coeffs, right, gram, splits))(W)
         assert out.shape == W.shape
@@ -244,13 +244,13 @@ def test_polar_kernel_runs_its_products_on_amx_where_the_cpu_has_it(right):
     out = {splits: np.asarray(attention_cpu.polar_iterate(W, coeffs, right, False, splits)) for splits in (0, 1, 3)}
     if not attention_cpu.amx_ready():   # no tile unit (or a build without it): every variant is the fp32 kernel
         assert np.array_equal(out[1], out[0]) and np.array_equal(out[3], out[0])
-        assert attention_cpu.polar_splits(gram=False) == 0
+        assert attention_cpu.polar_splits() == 0
         return
     assert not np.array_equal(out[3], out[0])      # the tile products ran
     assert max_rel(out[3], out[0]) < 1e-4          # bf16x3: fp32-grade
     assert max_rel(out[1], out[0]) > 1e-3          # plain bf16 operands: bf16-grade
     assert max_rel(out[1], out[0]) < 1e-1
-    assert attention_cpu.polar_splits(gram=False) == 3 and attention_cpu.polar_splits(gram=True) == 0
+    assert attention_cpu.polar_splits() == 3
 
 
 def test_polar_kernel_takes_stacks_of_two_matrices_per_core_with_sides_of_32():

@@ -8,7 +8,7 @@ fraction of the machine's matmul rate; the kernel keeps each query block's score
 a query cannot see. The cross-entropy kernel reads each row of logits once and writes its gradient over it while
 the row is in cache. The Muon kernel carries each matrix through all its iterations on one thread while its m x m
 operands stay in cache, and computes the products with a symmetric result by halves; on a CPU with AMX (Intel's
-tile unit) the direct form's products run there as bf16x3 (csrc/amx.h, `polar_splits`). The few-rows product reads
+tile unit) its products run there as bf16x3 (csrc/amx.h, `polar_splits`). The few-rows product reads
 each weight once, whole rows at a time, where XLA:CPU's GEMM repacks the weights (bench/RESULTS.md has the
 measurements). They are built, as one library, on first use with the
 system's C++ compiler ($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU
@@ -180,23 +180,23 @@ def supports_polar(w) -> bool:
             and w.shape[2] % POLAR_MULTIPLE == 0 and w.shape[0] >= 2 * cores)
 
 
-def polar_splits(gram: bool) -> int:
-    """How polar_iterate multiplies by default. The direct form: bf16x3 products on the AMX tile unit where
-    amx_ready() (3), about twice as fast as fp32 there and within ~5e-5 of the fp32 iteration's largest entry after
-    five iterations (2e-4 at most in the tests), the order of the fp32 Gram form's own distance from the direct one.
-    The Gram form stays in fp32 (0): its chain of small products carries bf16x3's rounding up to ~2e-4.
-    NANOCHAT_AMX=0: fp32 throughout."""
-    return 0 if gram or os.environ.get("NANOCHAT_AMX", "1").strip() == "0" or not amx_ready() else 3
+def polar_splits() -> int:
+    """How polar_iterate multiplies by default: bf16x3 products on the AMX tile unit where amx_ready() (3), about
+    twice as fast as fp32 there and within ~5e-5 of the fp32 iteration's largest entry after five iterations (2e-4 at
+    most in the tests), the order of the fp32 Gram form's own distance from the direct one. The Gram form takes them
+    for its two products with X only; its chain of small products stays in fp32 (csrc/muon_cpu.cc).
+    NANOCHAT_AMX=0, or no tile unit: fp32 throughout (0)."""
+    return 0 if os.environ.get("NANOCHAT_AMX", "1").strip() == "0" or not amx_ready() else 3
 
 
 def polar_iterate(w, coeffs, right: bool, gram: bool, splits: int | None = None):
     """optim/muon.py's `_iterate` (gram: `_iterate_gram`) on a (k, r, c) fp32 stack in one kernel call, one matrix
     per thread, the products with a symmetric result computed by halves. coeffs: the (a, b, c) of each iteration.
     splits: the products in fp32 (0), or on the AMX tile unit where the CPU has one (csrc/amx.h) from bf16 operands
-    (1) or from high and low bf16 parts (3, bf16x3); None: polar_splits(gram)."""
+    (1) or from high and low bf16 parts (3, bf16x3); None: polar_splits()."""
     _require()
     c = jnp.asarray(np.asarray(coeffs, np.float32).reshape(-1, 3))
-    splits = polar_splits(gram) if splits is None else splits
+    splits = polar_splits() if splits is None else splits
     return jax.ffi.ffi_call("nanochat_polar_iterate", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
         w, c, right=bool(right), gram=bool(gram), splits=np.int64(splits))
 

@@ -12,7 +12,8 @@
 // p(A) = a I + b A + c A^2 with coeffs[s] = (a, b, c) for iteration s. gram: the polynomial is carried on the small
 // A instead (A <- A p(A)^2, Q <- p(A) Q) and X is multiplied once, by Q, at the end (optim/muon.py, _iterate_gram).
 // splits > 0: the products run on the AMX tile unit from bf16 operands (amx.h; 1: bf16, 3: bf16x3), where the CPU
-// and the kernel allow it (amx_ready); else, and with splits = 0, in fp32 through simd.h.
+// and the kernel allow it (amx::ready); else, and with splits = 0, in fp32 through simd.h. The Gram form's chain of
+// m x m products runs in fp32 either way.
 // Requirements, checked in Python: r % 32 == 0 and c % 32 == 0.
 
 #include <utility>
@@ -40,7 +41,7 @@ void iterate(const Iteration& s, const float* w, float* out) {
   const int m = s.m(), n = s.n();
   if (s.steps == 0) { std::memcpy(out, w, sizeof(float) * m * n); return; }
   const bool tiles = s.splits > 0;
-  Packs pk(tiles ? 0 : std::max(m, n));
+  Packs pk(tiles && !s.gram ? 0 : std::max(m, n));
   std::vector<float> buf(5 * m * m + (s.right || tiles ? 0 : n * m) + (s.gram ? 0 : 2 * m * n));
   float *A = buf.data(), *A2 = A + m * m, *P = A2 + m * m, *T = P + m * m, *Q = T + m * m, *Xt = Q + m * m;
   float* X0 = Xt + (s.right || tiles ? 0 : n * m);
@@ -55,6 +56,10 @@ void iterate(const Iteration& s, const float* w, float* out) {
 #endif
     product<false>(pk, a, lda, b, ldb, c, ldc, rows, cols, k, sym);
   };
+  // the Gram form's chain of m x m products stays in fp32 whatever splits says: its rounding builds up over the
+  // iterations (A is never recomputed from X), and at bf16x3's it reached ~2e-4 of the result's largest entry
+  auto chain = [&](const float* a, int lda, const float* b, int ldb, float* c, int ldc, int rows, int cols, int k,
+                   bool sym) { product<false>(pk, a, lda, b, ldb, c, ldc, rows, cols, k, sym); };
   // A = X X^T of the current X (x is w's layout: m x n wide, or n x m tall)
   auto gram_of = [&](const float* x) {
 #ifdef NANOCHAT_AMX
@@ -85,17 +90,17 @@ void iterate(const Iteration& s, const float* w, float* out) {
   if (s.gram) {
     gram_of(w);
     for (int it = 0; it < s.steps; ++it) {
-      mul(A, m, A, m, A2, m, m, m, m, true);
+      chain(A, m, A, m, A2, m, m, m, m, true);
       poly(it);
       if (it == 0) {
         std::memcpy(Q, P, sizeof(float) * m * m);
       } else {
-        mul(P, m, Q, m, T, m, m, m, m, true);
+        chain(P, m, Q, m, T, m, m, m, m, true);
         std::swap(Q, T);
       }
       if (it + 1 < s.steps) {                             // A <- A P^2
-        mul(P, m, P, m, A2, m, m, m, m, true);
-        mul(A, m, A2, m, T, m, m, m, m, true);
+        chain(P, m, P, m, A2, m, m, m, m, true);
+        chain(A, m, A2, m, T, m, m, m, m, true);
         std::swap(A, T);
       }
     }
