@@ -5,10 +5,11 @@
 
 `optim/muon.py` runs the Polar Express polynomial of the wide (MLP) matrices through their Gram matrix
 (`_iterate_gram`) and the square ones directly, and on CPU both through the C++ kernel (`polar_iterate`: one matrix
-per thread, symmetric products by halves). This times the jitted update on one device in three variants, alternating:
-XLA with the direct form for every matrix (the plain formula), XLA with the Gram form, and the default (the kernel
-where it is built), and prints the medians and each variant's largest difference from the first (relative to the
-update's largest entry).
+per thread, symmetric products by halves; on a CPU with AMX its products run on the tile unit as bf16x3). This times
+the jitted update on one device in four variants, alternating: XLA with the direct form for every matrix (the plain
+formula), XLA with the Gram form, the kernel with fp32 products, and the default (the kernel where it is built, with
+the tile products where the CPU has them), and prints the medians and each variant's largest difference from the
+first (relative to the update's largest entry).
 """
 
 from __future__ import annotations
@@ -40,22 +41,25 @@ def block_matrices(depth: int, seed: int = 0):
     return config, matrices(blocks), matrices(grads)
 
 
-VARIANTS = {"XLA direct": (False, False), "XLA Gram": (True, False), "default": (True, True)}   # (Gram, kernel)
+VARIANTS = {"XLA direct": (False, False, False), "XLA Gram": (True, False, False),   # (Gram, kernel, tiles)
+            "kernel fp32": (True, True, False), "default": (True, True, True)}
 
 
-def compiled_update(config, params, grads, gram: bool, kernel: bool):
-    """Muon's jitted update with the Gram form and the CPU kernel allowed or not, compiled now (both are chosen
-    at trace time)."""
-    saved = muon_mod.GRAM_MIN_ASPECT, attention_cpu.supports_polar
+def compiled_update(config, params, grads, gram: bool, kernel: bool, tiles: bool = True):
+    """Muon's jitted update with the Gram form, the CPU kernel and its tile products allowed or not, compiled now
+    (all are chosen at trace time)."""
+    saved = muon_mod.GRAM_MIN_ASPECT, attention_cpu.supports_polar, attention_cpu.polar_splits
     muon_mod.GRAM_MIN_ASPECT = saved[0] if gram else float("inf")
     if not kernel:
         attention_cpu.supports_polar = lambda w: False
+    if not tiles:
+        attention_cpu.polar_splits = lambda: 0
     try:
         tx = optim.muon(0.02, recipe=config.recipe)
         state = tx.init(params)
         fn = jax.jit(tx.update).lower(grads, state, params).compile()
     finally:
-        muon_mod.GRAM_MIN_ASPECT, attention_cpu.supports_polar = saved
+        muon_mod.GRAM_MIN_ASPECT, attention_cpu.supports_polar, attention_cpu.polar_splits = saved
     return fn, state
 
 
