@@ -17,8 +17,8 @@
 // Layouts: row-major with leading dimensions; m, n and k multiples of 32.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
