@@ -321,3 +321,27 @@ def test_linear_takes_the_small_kernel_for_decode_rows_and_keeps_its_gradient(mo
     calls.clear()
     kernels_cpu.linear(jnp.ones((4, 32, 128)), w)    # a prefill or training batch: XLA's GEMM
     assert calls == []
+
+
+@pytest.mark.parametrize("T,H,KV,window", [(256, 4, 4, 10_000), (256, 4, 2, 64)])
+def test_rope_norm_kernel_equals_rotary_and_norm_then_attention(T, H, KV, window):
+    config = ModelConfig.from_depth(4, max_seq_len=T, vocab_size=512, head_dim=64, window_pattern="L")
+    cos, sin = ops.rotary_tables(config, T)
+    kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(T + H + KV), 4)
+    q, g = jax.random.normal(kq, (2, T, H, 64)), jax.random.normal(kg, (2, T, H, 64))
+    k, v = jax.random.normal(kk, (2, T, KV, 64)), jax.random.normal(kv, (2, T, KV, 64))
+
+    def plain(q, k, v):
+        return kernels_cpu.causal_attention(ops.rms_norm(ops.apply_rotary(q, cos, sin)),
+                                            ops.rms_norm(ops.apply_rotary(k, cos, sin)), v, window, config)
+
+    def fused(q, k, v):
+        return kernels_cpu.normed_causal_attention(q, k, v, cos, sin, window, config)
+
+    loss = lambda fn: jax.jit(jax.value_and_grad(lambda q, k, v: (fn(q, k, v) * g).sum(), argnums=(0, 1, 2)))  # noqa: E731
+    (l1, grads1), (l0, grads0) = loss(fused)(q, k, v), loss(plain)(q, k, v)
+    assert max_rel(jax.jit(fused)(q, k, v), jax.jit(plain)(q, k, v)) < 1e-5
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(grads1, grads0):
+        assert max_rel(a, b) < 1e-5
+    assert "nanochat_attention_rope_fwd" in jax.jit(fused).lower(q, k, v).as_text()   # the kernel ran

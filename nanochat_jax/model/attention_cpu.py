@@ -38,7 +38,9 @@ BLOCK = 64          # the kernel's query/key block: T must be a multiple
 HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
 _TARGETS = {"nanochat_attention_fwd": "NanochatAttentionForward", "nanochat_attention_bwd": "NanochatAttentionBackward",
             "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent",
-            "nanochat_polar_iterate": "NanochatPolarIterate", "nanochat_small_matmul": "NanochatSmallMatmul"}
+            "nanochat_polar_iterate": "NanochatPolarIterate", "nanochat_small_matmul": "NanochatSmallMatmul",
+            "nanochat_attention_rope_fwd": "NanochatAttentionRopeForward",
+            "nanochat_attention_rope_bwd": "NanochatAttentionRopeBackward"}
 
 
 def _cpu_id() -> str:
@@ -141,6 +143,36 @@ def _backward(scale, window, res, g):
 
 
 attention.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def attention_rope(q, k, v, cos, sin, scale: float, window: int, eps: float):
+    """attention(rms_norm(rotary(q)), rms_norm(rotary(k)), v) with the rotary embedding (half-split, cos and sin
+    (T, D/2)) and the parameter-free RMS norm (eps) applied inside the kernel, on q and k as the projections made
+    them: the two cost no passes of their own over (B, T, H, D) arrays, forward or backward."""
+    return _rope_forward(q, k, v, cos, sin, scale, window, eps)[0]
+
+
+def _rope_attrs(scale, window, eps):
+    return {**_attrs(scale, window), "eps": np.float32(eps)}
+
+
+def _rope_forward(q, k, v, cos, sin, scale, window, eps):
+    B, T, H, _ = q.shape
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    o, lse = jax.ffi.ffi_call("nanochat_attention_rope_fwd", out)(q, k, v, cos, sin, **_rope_attrs(scale, window, eps))
+    return o, (q, k, v, cos, sin, o, lse)
+
+
+def _rope_backward(scale, window, eps, res, g):
+    q, k, v, cos, sin, o, lse = res
+    out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call("nanochat_attention_rope_bwd", out)(
+        q, k, v, cos, sin, o, lse, g.astype(jnp.float32), **_rope_attrs(scale, window, eps))
+    return dq, dk, dv, jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+attention_rope.defvjp(_rope_forward, _rope_backward)
 
 
 def supports_cache(q, k, v) -> bool:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from nanochat_jax.core.common import compute_dtype
 from nanochat_jax.core.config import SMEAR_CHANNELS, VE_GATE_CHANNELS, ModelConfig
-from nanochat_jax.model.kernels_cpu import cached_attention, causal_attention, head_losses, linear
+from nanochat_jax.model.kernels_cpu import cached_attention, head_losses, linear, normed_causal_attention
 from nanochat_jax.model.ops import F32, apply_rotary, attn_scale, rms_norm, rotary_tables, softcap
 
 __all__ = ["GPT", "KVCache", "init_params", "forward", "loss_and_count", "loss", "init_cache", "forward_cached"]
@@ -110,11 +110,11 @@ class Attention(nn.Module):
         if ve is not None:
             gate = 3 * jax.nn.sigmoid(linear(x[..., :VE_GATE_CHANNELS], self.ve_gate))  # (B, T, KV)
             v = v + gate[..., None] * ve.reshape(B, T, KV, D)
-        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         window = c.window_sizes[self.layer]
-        if cache is None:
-            y = causal_attention(q, k, v, window, c)
+        if cache is None:   # q and k rotated and normed here or inside the CPU kernel
+            y = normed_causal_attention(q, k, v, cos, sin, window, c)
         else:
+            q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
             # keys are cached as (B, KV, D, Tmax), values as (B, KV, Tmax, D): (rows, positions) index B and Tmax
             # around the other axes, so the update's shape is (B, t, KV, D) as k's
             ck, cv = cache

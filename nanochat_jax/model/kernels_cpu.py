@@ -1,5 +1,5 @@
-"""The CPU speed paths, behind the names the model calls: `linear`, `causal_attention`, `cached_attention` and
-`head_losses`.
+"""The CPU speed paths, behind the names the model calls: `linear`, `causal_attention` (and
+`normed_causal_attention`, with q and k's rotary embedding and norm), `cached_attention` and `head_losses`.
 
 Each computes exactly what the plain formula does (tests/test_model.py checks values and gradients against it) and
 takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs
@@ -87,6 +87,20 @@ def causal_attention(q, k, v, window: int, config: ModelConfig):
     if local is None and on_cpu_xla and q.dtype == F32 and T % CAUSAL_BLOCKS == 0 and T >= 64 * CAUSAL_BLOCKS:
         return blocked_causal_attention(q, k, v, config)
     return sdpa(q, k, v, config, is_causal=True, local_window_size=local)
+
+
+def normed_causal_attention(q, k, v, cos, sin, window: int, config: ModelConfig):
+    """causal_attention(rms_norm(apply_rotary(q)), rms_norm(apply_rotary(k)), v): the attention block's q and k as
+    the projections made them. Where the fused C++ kernel takes the shapes (and the tables are one (T, D/2) pair),
+    it applies the rotary embedding and the norm itself (attention_cpu.attention_rope); else they run in XLA first."""
+    T = q.shape[1]
+    on_cpu_xla = attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"
+    if (on_cpu_xla and cos.ndim == 2 and cos.shape[0] == T and attention_cpu.supports(q, k)
+            and attention_cpu.available()):
+        return attention_cpu.attention_rope(q, k, v, jnp.asarray(cos, F32), jnp.asarray(sin, F32),
+                                            attn_scale(config), min(window, T), ops.RMS_EPS)
+    return causal_attention(ops.rms_norm(ops.apply_rotary(q, cos, sin)), ops.rms_norm(ops.apply_rotary(k, cos, sin)),
+                            v, window, config)
 
 
 def cached_attention(q, k, v, mask, scale: float):

@@ -8,6 +8,9 @@
 // saved log-sum-exp (FlashAttention-2's recipe, without the online softmax: a 64-row block's whole key range fits
 // in L2 at the sequence lengths this CPU path serves).
 //
+// The Rope variants take q and k before their rotary embedding and RMS norm and apply both while gathering the rows
+// (and their gradient before scattering dq and dk), so those cost no passes over (B, T, H, D) arrays of their own.
+//
 // Layouts (row-major): q, o, dq (B, T, H, D); k, v, dk, dv (B, T, KV, D); lse (B, H, T). Query head h reads kv
 // head h / (H / KV) (grouped-query attention). Query i sees keys j with i - window <= j <= i. Requirements, checked
 // in Python: T % 64 == 0, D % 32 == 0.
@@ -59,6 +62,45 @@ void gather_t(const float* src, float* dst, const Shape& s, int64_t b, int64_t h
   transpose(src + (b * s.T * N + h) * s.D, N * s.D, dst, s.T, s.T, s.D);
 }
 
+// Optional rotary embedding and RMS norm of q and k inside the kernel (the model's rms_norm(apply_rotary(x))), so that
+// they cost no passes of their own over (B, T, H, D) arrays: cos, sin (T, D/2) are the half-split rotary tables.
+struct Rope {
+  const float *cos = nullptr, *sin = nullptr;
+  float eps = 0.f;
+  bool on() const { return cos != nullptr; }
+};
+
+// Row x (D) at position t in place: y = rms_norm(rotate(x)); returns the norm's factor r = 1 / rms(rotate(x)).
+float rope_norm_row(float* x, int64_t D, int64_t t, const Rope& rp) {
+  const int64_t h = D / 2;
+  const float *c = rp.cos + t * h, *sn = rp.sin + t * h;
+  float ss = 0.f;
+  for (int64_t i = 0; i < h; ++i) {
+    const float x1 = x[i], x2 = x[i + h];
+    const float y1 = x1 * c[i] + x2 * sn[i], y2 = -x1 * sn[i] + x2 * c[i];
+    x[i] = y1; x[i + h] = y2;
+    ss += y1 * y1 + y2 * y2;
+  }
+  const float r = 1.f / std::sqrt(ss / D + rp.eps);
+  for (int64_t i = 0; i < D; ++i) x[i] *= r;
+  return r;
+}
+
+// The gradient through rope_norm_row in place: dy (D) on its output y (D, the normed row) -> d x.
+// Norm: dz = r (dy - y mean(dy y)); rotation (orthogonal): dx1 = dz1 cos - dz2 sin, dx2 = dz1 sin + dz2 cos.
+void rope_norm_grad_row(float* dy, const float* y, float r, int64_t D, int64_t t, const Rope& rp) {
+  float dot = 0.f;
+  for (int64_t i = 0; i < D; ++i) dot += dy[i] * y[i];
+  const float mean = dot / D;
+  const int64_t h = D / 2;
+  const float *c = rp.cos + t * h, *sn = rp.sin + t * h;
+  for (int64_t i = 0; i < h; ++i) {
+    const float z1 = r * (dy[i] - y[i] * mean), z2 = r * (dy[i + h] - y[i + h] * mean);
+    dy[i] = z1 * c[i] - z2 * sn[i];
+    dy[i + h] = z1 * sn[i] + z2 * c[i];
+  }
+}
+
 // Row i of a block (absolute position pos) over keys [ks, ke): the valid columns are lo..hi.
 struct Row {
   int64_t lo, hi;
@@ -99,16 +141,25 @@ void probs_row(float* s, int64_t ks, int64_t ke, const Row& row, float scale, fl
   }
 }
 
-void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v, float* o, float* lse) {
+void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v, float* o, float* lse,
+             const Rope& rp) {
   const int64_t T = s.T, D = s.D;
   parallel_for(pool, s.B * s.KV, [&](int64_t item) {
     const int64_t b = item / s.KV, n = item % s.KV;
     std::vector<float> kt(D * T), vc(T * D), qc(T * D), oc(T * D), sc(BQ * T), inv(BQ);
     Packs pk(T);
-    gather_t(k, kt.data(), s, b, n, s.KV);
+    if (rp.on()) {   // k's rows rotated and normed, then transposed (qc serves as the staging buffer)
+      gather(k, qc.data(), s, b, n, s.KV);
+      for (int64_t t = 0; t < T; ++t) rope_norm_row(qc.data() + t * D, D, t, rp);
+      transpose(qc.data(), kt.data(), T, D);
+    } else {
+      gather_t(k, kt.data(), s, b, n, s.KV);
+    }
     gather(v, vc.data(), s, b, n, s.KV);
     for (int64_t h = n * s.G(); h < (n + 1) * s.G(); ++h) {
       gather(q, qc.data(), s, b, h, s.H);
+      if (rp.on())
+        for (int64_t t = 0; t < T; ++t) rope_norm_row(qc.data() + t * D, D, t, rp);
       float* lse_h = lse + (b * s.H + h) * T;
       for (int64_t r0 = 0; r0 < T; r0 += BQ) {
         const int64_t ks = s.ks(r0), ke = r0 + BQ, nk = ke - ks;
@@ -126,18 +177,26 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float*
 }
 
 void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v, const float* o, const float* lse,
-              const float* dout, float* dq, float* dk, float* dv) {
+              const float* dout, float* dq, float* dk, float* dv, const Rope& rp) {
   const int64_t T = s.T, D = s.D;
   parallel_for(pool, s.B * s.KV, [&](int64_t item) {
     const int64_t b = item / s.KV, n = item % s.KV;
     std::vector<float> kc(T * D), kt(D * T), vt(D * T), tmp(T * D), qc(T * D), doc(T * D), dqc(T * D),
-        dkc(T * D, 0.f), dvc(T * D, 0.f), pc(BQ * T), dpc(BQ * T), delta(T);
+        dkc(T * D, 0.f), dvc(T * D, 0.f), pc(BQ * T), dpc(BQ * T), delta(T), rq(rp.on() ? T : 0),
+        rk(rp.on() ? T : 0);
     Packs pk(T);
     gather(k, kc.data(), s, b, n, s.KV);
-    gather_t(k, kt.data(), s, b, n, s.KV);
+    if (rp.on()) {   // the normed rows the forward pass used, and their norm factors for the gradient
+      for (int64_t t = 0; t < T; ++t) rk[t] = rope_norm_row(kc.data() + t * D, D, t, rp);
+      transpose(kc.data(), kt.data(), T, D);
+    } else {
+      gather_t(k, kt.data(), s, b, n, s.KV);
+    }
     gather_t(v, vt.data(), s, b, n, s.KV);
     for (int64_t h = n * s.G(); h < (n + 1) * s.G(); ++h) {
       gather(q, qc.data(), s, b, h, s.H);
+      if (rp.on())
+        for (int64_t t = 0; t < T; ++t) rq[t] = rope_norm_row(qc.data() + t * D, D, t, rp);
       gather(dout, doc.data(), s, b, h, s.H);
       gather(o, tmp.data(), s, b, h, s.H);
       for (int64_t t = 0; t < T; ++t) {     // delta_i = dO_i . O_i, the softmax backward's row term
@@ -163,8 +222,12 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
         gemm(pk, pc.data(), T, kc.data() + ks * D, D, dqc.data() + r0 * D, D, BQ, D, nk, false);  // dQ = dS K
         gemm_tn(pk, pc.data(), T, qb, D, dkc.data() + ks * D, D, BQ, nk, D);                      // dK += dS^T Q
       }
+      if (rp.on())
+        for (int64_t t = 0; t < T; ++t) rope_norm_grad_row(dqc.data() + t * D, qc.data() + t * D, rq[t], D, t, rp);
       scatter(dqc.data(), dq, s, b, h, s.H);
     }
+    if (rp.on())
+      for (int64_t t = 0; t < T; ++t) rope_norm_grad_row(dkc.data() + t * D, kc.data() + t * D, rk[t], D, t, rp);
     scatter(dkc.data(), dk, s, b, n, s.KV);
     scatter(dvc.data(), dv, s, b, n, s.KV);
   });
@@ -281,7 +344,40 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
                             int64_t window) {
   const Shape s = shape_of(q, k, scale, window);
   if (auto err = check(s); err.failure()) return err;
-  forward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data());
+  forward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data(), Rope{});
+  return ffi::Error::Success();
+}
+
+ffi::Error check_rope(const Shape& s, ffi::Buffer<ffi::F32>& cos, ffi::Buffer<ffi::F32>& sin) {
+  auto cd = cos.dimensions(), sd = sin.dimensions();
+  if (cd.size() != 2 || sd.size() != 2 || cd[0] != s.T || cd[1] * 2 != s.D || sd[0] != s.T || sd[1] * 2 != s.D)
+    return ffi::Error::InvalidArgument("attention_cpu: cos and sin must be (T, D / 2)");
+  return ffi::Error::Success();
+}
+
+// q and k before their rotary embedding and RMS norm, which the kernel applies (Rope).
+ffi::Error AttentionRopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                                int64_t window, float eps) {
+  const Shape s = shape_of(q, k, scale, window);
+  if (auto err = check(s); err.failure()) return err;
+  if (auto err = check_rope(s, cos, sin); err.failure()) return err;
+  forward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(), lse->typed_data(),
+          Rope{cos.typed_data(), sin.typed_data(), eps});
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionRopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                                 ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                 ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                                 ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                                 ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, float eps) {
+  const Shape s = shape_of(q, k, scale, window);
+  if (auto err = check(s); err.failure()) return err;
+  if (auto err = check_rope(s, cos, sin); err.failure()) return err;
+  backward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
+           dq->typed_data(), dk->typed_data(), dv->typed_data(), Rope{cos.typed_data(), sin.typed_data(), eps});
   return ffi::Error::Success();
 }
 
@@ -292,7 +388,7 @@ ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
   const Shape s = shape_of(q, k, scale, window);
   if (auto err = check(s); err.failure()) return err;
   backward(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(), lse.typed_data(), dout.typed_data(),
-           dq->typed_data(), dk->typed_data(), dv->typed_data());
+           dq->typed_data(), dk->typed_data(), dv->typed_data(), Rope{});
   return ffi::Error::Success();
 }
 
@@ -333,3 +429,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatCachedAttention, CachedAttention,
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionRopeForward, AttentionRopeForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatAttentionRopeBackward, AttentionRopeBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("eps"));
