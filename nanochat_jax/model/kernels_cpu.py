@@ -73,13 +73,18 @@ def _cpu_matmul_bwd(res, g):
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
+def _on_cpu_xla(q) -> bool:
+    """Whether attention on q runs through XLA on the CPU (where the C++ kernel and the blocked paths apply)."""
+    return attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"
+
+
 def causal_attention(q, k, v, window: int, config: ModelConfig):
     """Causal attention over the sequence; query i sees keys max(0, i-window)..i. GQA by head groups.
     On XLA:CPU in fp32 the fused C++ kernel (attention_cpu) runs where it is built and the shapes allow; else short
     windows run as bands and full attention as query blocks over their key prefixes; elsewhere plain sdpa."""
     T = q.shape[1]
     local = (window, 0) if window < T - 1 else None
-    on_cpu_xla = attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"
+    on_cpu_xla = _on_cpu_xla(q)
     if on_cpu_xla and attention_cpu.supports(q, k) and attention_cpu.available():
         return attention_cpu.attention(q, k, v, attn_scale(config), min(window, T))
     if local is not None and T % window == 0 and on_cpu_xla:
@@ -94,7 +99,7 @@ def normed_causal_attention(q, k, v, cos, sin, window: int, config: ModelConfig)
     the projections made them. Where the fused C++ kernel takes the shapes (and the tables are one (T, D/2) pair),
     it applies the rotary embedding and the norm itself (attention_cpu.attention_rope); else they run in XLA first."""
     T = q.shape[1]
-    on_cpu_xla = attention_impl(q.dtype, q.shape[-1]) == "xla" and jax.default_backend() == "cpu"
+    on_cpu_xla = _on_cpu_xla(q)
     if (on_cpu_xla and cos.ndim == 2 and cos.shape[0] == T and attention_cpu.supports(q, k)
             and attention_cpu.available()):
         return attention_cpu.attention_rope(q, k, v, jnp.asarray(cos, F32), jnp.asarray(sin, F32),

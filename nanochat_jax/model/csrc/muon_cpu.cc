@@ -48,18 +48,19 @@ void iterate(const Iteration& s, const float* w, float* out) {
 #ifdef NANOCHAT_AMX
   amx::Packs tp(tiles ? n : 0, tiles ? n : 0, s.splits);
 #endif
-  // C (rows x cols) = A (rows x k) B (k x cols), all row-major: on the tile unit or through simd.h
+  // C (rows x cols) = A (rows x k) B (k x cols), all row-major, in fp32 through simd.h. The Gram form's chain of
+  // m x m products always runs here: its rounding builds up over the iterations (A is never recomputed from X), and
+  // at bf16x3's it reached ~2e-4 of the result's largest entry.
+  auto chain = [&](const float* a, int lda, const float* b, int ldb, float* c, int ldc, int rows, int cols, int k,
+                   bool sym) { product<false>(pk, a, lda, b, ldb, c, ldc, rows, cols, k, sym); };
+  // the same on the tile unit when splits asks for it
   auto mul = [&](const float* a, int lda, const float* b, int ldb, float* c, int ldc, int rows, int cols, int k,
                  bool sym) {
 #ifdef NANOCHAT_AMX
     if (tiles) return amx::product(tp, a, lda, b, ldb, c, ldc, rows, cols, k, s.splits, sym);
 #endif
-    product<false>(pk, a, lda, b, ldb, c, ldc, rows, cols, k, sym);
+    chain(a, lda, b, ldb, c, ldc, rows, cols, k, sym);
   };
-  // the Gram form's chain of m x m products stays in fp32 whatever splits says: its rounding builds up over the
-  // iterations (A is never recomputed from X), and at bf16x3's it reached ~2e-4 of the result's largest entry
-  auto chain = [&](const float* a, int lda, const float* b, int ldb, float* c, int ldc, int rows, int cols, int k,
-                   bool sym) { product<false>(pk, a, lda, b, ldb, c, ldc, rows, cols, k, sym); };
   // A = X X^T of the current X (x is w's layout: m x n wide, or n x m tall)
   auto gram_of = [&](const float* x) {
 #ifdef NANOCHAT_AMX
