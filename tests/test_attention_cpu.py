@@ -345,3 +345,66 @@ def test_rope_norm_kernel_equals_rotary_and_norm_then_attention(T, H, KV, window
     for a, b in zip(grads1, grads0):
         assert max_rel(a, b) < 1e-5
     assert "nanochat_attention_rope_fwd" in jax.jit(fused).lower(q, k, v).as_text()   # the kernel ran
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The large products on the AMX tile unit (bf16x3)
+
+@pytest.mark.parametrize("at,bt", [(False, False), (True, False), (False, True), (True, True)])
+def test_tile_matmul_equals_the_product_at_fp32_grade(at, bt):
+    """288 rows: one full block of rows and a remainder; k = 544: a full k chunk and a remainder."""
+    m, n, k = 288, 160, 544
+    ka, kb = jax.random.split(jax.random.PRNGKey(m + n + k + 2 * at + bt))
+    a = jax.random.normal(ka, (k, m) if at else (m, k))
+    b = jax.random.normal(kb, (n, k) if bt else (k, n))
+    ref = (np.asarray(a, np.float64).T if at else np.asarray(a, np.float64)) @ (
+        np.asarray(b, np.float64).T if bt else np.asarray(b, np.float64))
+    if not attention_cpu.amx_ready():   # no tile unit here: the model's products stay on XLA's fp32 GEMM
+        assert not attention_cpu.supports_tile(m, n, k)
+        return
+    c = np.asarray(jax.jit(lambda a, b: attention_cpu.tile_matmul(a, b, at, bt))(a, b))
+    assert c.shape == (m, n)
+    assert max_rel(c, ref) < 2e-5                                          # bf16x3: fp32-grade
+    assert not np.array_equal(c, np.asarray(jnp.dot(a.T if at else a, b.T if bt else b)))   # the tiles ran
+
+
+def test_tile_matmul_takes_sides_of_at_least_128_in_multiples_of_32(monkeypatch):
+    on = attention_cpu.amx_ready()
+    assert attention_cpu.supports_tile(4096, 384, 1536) == on
+    assert not attention_cpu.supports_tile(4096, 96, 384)      # a side below 128
+    assert not attention_cpu.supports_tile(4096, 400, 384)     # a side not a multiple of 32
+    monkeypatch.setenv("NANOCHAT_AMX", "0")
+    assert not attention_cpu.supports_tile(4096, 384, 1536)
+
+
+@pytest.mark.parametrize("amx", ["1", "0"])
+def test_linear_and_the_head_take_the_tile_kernel_for_large_products_and_keep_their_gradients(monkeypatch, amx):
+    """A training-sized linear (forward, dx and dW on the tiles) and the LM head (logits and dx on the tiles; its
+    wide dW stays on XLA) against the plain products' autodiff. NANOCHAT_AMX=0: XLA's fp32 products only."""
+    monkeypatch.setenv("NANOCHAT_AMX", amx)
+    calls = []
+    real = attention_cpu.tile_matmul
+    monkeypatch.setattr(attention_cpu, "tile_matmul", lambda a, b, at=False, bt=False: calls.append((at, bt)) or
+                        real(a, b, at, bt))
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(11), 3)
+    x, w = jax.random.normal(kx, (2, 128, 256)), jax.random.normal(kw, (256, 384)) * 0.1
+    g = jax.random.normal(kg, (2, 128, 384))
+    loss = lambda f: lambda x, w: (f(x, w) * g).sum()   # noqa: E731
+    y = jax.jit(lambda x, w: kernels_cpu.linear(x, w))(x, w)   # a fresh function: traced under this environment
+    grads = jax.grad(loss(kernels_cpu.linear), argnums=(0, 1))(x, w)
+    tiles = attention_cpu.amx_ready() and amx == "1"
+    assert calls == ([(False, False), (False, False), (False, True), (True, False)] if tiles else [])
+    ref = jnp.dot(x, w)
+    assert max_rel(y, ref) < 2e-5 and (tiles or np.array_equal(y, ref))
+    for a, b in zip(grads, jax.grad(loss(jnp.dot), argnums=(0, 1))(x, w)):
+        assert max_rel(a, b) < 2e-5
+
+    calls.clear()
+    hx, hw, targets = _head(256, 128, 4160, 4100)          # 4,160 columns: wider than TN_DW_MAX
+    hx, targets = hx.reshape(2, 128, 128), targets.reshape(2, 128)
+    ours = jax.value_and_grad(lambda x, w: model.head_losses(x, w, targets, 4100).sum(), argnums=(0, 1))
+    plain = lambda x, w: _plain_head(x.reshape(-1, 128), w, targets.reshape(-1), 4100).sum()  # noqa: E731
+    (l1, (dx1, dw1)), (l0, (dx0, dw0)) = ours(hx, hw * 0.1), jax.value_and_grad(plain, argnums=(0, 1))(hx, hw * 0.1)
+    assert calls == ([(False, False), (False, True)] if tiles else [])   # logits, dx
+    np.testing.assert_allclose(l1, l0, rtol=2e-5)
+    assert max_rel(dx1, dx0) < 2e-5 and max_rel(dw1, dw0) < 2e-5

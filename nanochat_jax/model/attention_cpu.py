@@ -1,7 +1,8 @@
 """The C++ CPU kernels in csrc/ behind jax.ffi: fused causal attention with its own backward pass
 (csrc/attention_cpu.cc), the LM head's softcapped cross-entropy with its gradient (csrc/xent_cpu.cc), Muon's
-polynomial iteration over a stack of matrices (csrc/muon_cpu.cc) and the products of a few rows by a weight matrix
-that a decode step makes (csrc/matmul_cpu.cc).
+polynomial iteration over a stack of matrices (csrc/muon_cpu.cc), the products of a few rows by a weight matrix
+that a decode step makes, and on a CPU with AMX the model's large products as bf16x3 on the tile unit
+(csrc/matmul_cpu.cc).
 
 XLA:CPU computes attention as batched matmuls and elementwise passes over (B, H, T, T) scores in DRAM, at a
 fraction of the machine's matmul rate; the kernel keeps each query block's scores in cache and skips the key blocks
@@ -14,7 +15,8 @@ measurements). They are built, as one library, on first use with the
 system's C++ compiler ($CXX, default g++) against the FFI headers jaxlib ships, for this machine's CPU
 (-march=native), and cached under $NANOCHAT_KERNEL_CACHE (default ~/.cache/nanochat_jax/kernels), keyed by the
 sources, jaxlib's version and the CPU. Where they cannot be built, `available()` is False, one warning says why,
-and the XLA paths run instead. NANOCHAT_CPU_ATTENTION=0 turns them off; NANOCHAT_AMX=0 keeps Muon's products in fp32."""
+and the XLA paths run instead. NANOCHAT_CPU_ATTENTION=0 turns them off; NANOCHAT_AMX=0 keeps every product in fp32, off the tile
+unit."""
 
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
 _TARGETS = {"nanochat_attention_fwd": "NanochatAttentionForward", "nanochat_attention_bwd": "NanochatAttentionBackward",
             "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent",
             "nanochat_polar_iterate": "NanochatPolarIterate", "nanochat_small_matmul": "NanochatSmallMatmul",
+            "nanochat_tile_matmul": "NanochatTileMatmul",
             "nanochat_attention_rope_fwd": "NanochatAttentionRopeForward",
             "nanochat_attention_rope_bwd": "NanochatAttentionRopeBackward"}
 
@@ -218,7 +221,13 @@ def polar_splits() -> int:
     most in the tests), the order of the fp32 Gram form's own distance from the direct one. The Gram form takes them
     for its two products with X only; its chain of small products stays in fp32 (csrc/muon_cpu.cc).
     NANOCHAT_AMX=0, or no tile unit: fp32 throughout (0)."""
-    return 0 if os.environ.get("NANOCHAT_AMX", "1").strip() == "0" or not amx_ready() else 3
+    return 3 if tiles_on() else 0
+
+
+def tiles_on() -> bool:
+    """Whether the kernels' products run on the AMX tile unit as bf16x3 by default: where amx_ready(), unless
+    NANOCHAT_AMX=0 (then every product is fp32)."""
+    return os.environ.get("NANOCHAT_AMX", "1").strip() != "0" and amx_ready()
 
 
 def polar_iterate(w, coeffs, right: bool, gram: bool, splits: int | None = None):
@@ -231,6 +240,27 @@ def polar_iterate(w, coeffs, right: bool, gram: bool, splits: int | None = None)
     splits = polar_splits() if splits is None else splits
     return jax.ffi.ffi_call("nanochat_polar_iterate", jax.ShapeDtypeStruct(w.shape, jnp.float32))(
         w, c, right=bool(right), gram=bool(gram), splits=np.int64(splits))
+
+
+TILE_MIN = 128   # each side of a product tile_matmul takes: at least this, and a multiple of 32 (smaller ones gain
+                 # little over XLA's fp32 GEMM and keep the exact fp32 arithmetic)
+
+
+def supports_tile(m: int, n: int, k: int) -> bool:
+    """Whether tile_matmul takes an (m x k) (k x n) product here: tiles_on(), and each side >= TILE_MIN and a
+    multiple of 32."""
+    return all(d >= TILE_MIN and d % POLAR_MULTIPLE == 0 for d in (m, n, k)) and tiles_on()
+
+
+def tile_matmul(a, b, at: bool = False, bt: bool = False):
+    """op(a) @ op(b) of fp32 matrices on the AMX tile unit as bf16x3 (csrc/matmul_cpu.cc): each operand split into
+    high and low bf16 parts, a b ~ ah bh + ah bl + al bh with fp32 accumulation, within ~1e-5 of the fp32 product's
+    largest entry. op(a) is a, or a.T with at (a given as (k, m)); op(b) is b, or b.T with bt. Callers check
+    supports_tile."""
+    _require()
+    m, n = a.shape[1 if at else 0], b.shape[0 if bt else 1]
+    return jax.ffi.ffi_call("nanochat_tile_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        a, b, at=bool(at), bt=bool(bt))
 
 
 SMALL_ROWS = (1, 16)   # the rows small_matmul serves (bench/RESULTS.md): from ~16 rows the product is no longer

@@ -2,8 +2,9 @@
 `normed_causal_attention`, with q and k's rotary embedding and norm), `cached_attention` and `head_losses`.
 
 Each computes exactly what the plain formula does (tests/test_model.py checks values and gradients against it) and
-takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs
-and whose few-row forms (a decode step) go through the few-rows kernel of attention_cpu,
+takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs,
+whose large forms run on the AMX tile unit as bf16x3 where the CPU has one (attention_cpu.tile_matmul; NANOCHAT_AMX=0
+keeps XLA's fp32 GEMM) and whose few-row forms (a decode step) go through the few-rows kernel of attention_cpu,
 causal attention through the fused C++ kernel of attention_cpu (or, where no compiler built it, in query blocks that
 skip the masked-out half of the scores, short windows as bands), and the LM head's softcapped cross-entropy through
 the C++ kernel (loss and gradient in one pass over the logits; where no compiler built it, XLA with a hand-written
@@ -44,13 +45,19 @@ def _cpu_matmul(x, w):
     (the lm_head) it is much slower than a plain GEMM, so the small (tokens, K) activation is transposed instead (the
     barrier keeps XLA from folding it back) and all three products are plain row-major GEMMs; without that, the
     (tokens, vocab) cotangent got a 256 MB transposed copy that took longer than the matmuls.
-    A few rows (a decode step) go through attention_cpu's small-matmul kernel, which streams the weights once."""
+    A few rows (a decode step) go through attention_cpu's small-matmul kernel, which streams the weights once. On a
+    CPU with AMX, products with every side >= 128 (training's, a long prefill's, the head's logits and dx) run on the
+    tile unit as bf16x3 (attention_cpu.tile_matmul): about twice XLA's fp32 rate, within ~1e-5 of the fp32 product's
+    largest entry; the head's wide weight gradient stays on XLA, where the tile kernel was no faster."""
     return _product(x, w)
 
 
 def _product(x, w):
     if attention_cpu.supports_small(x, w) and attention_cpu.available():
         return attention_cpu.small_matmul(x, w)
+    x2 = x.reshape(-1, x.shape[-1])
+    if attention_cpu.supports_tile(x2.shape[0], w.shape[1], w.shape[0]):
+        return attention_cpu.tile_matmul(x2, w).reshape(*x.shape[:-1], w.shape[1])
     return jnp.dot(x, w)
 
 
@@ -61,13 +68,16 @@ def _cpu_matmul_fwd(x, w):
 def _cpu_matmul_bwd(res, g):
     x, w = res
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    tiles = attention_cpu.supports_tile(*x2.shape, g2.shape[-1])   # the same three sides as the forward's
+    dx = attention_cpu.tile_matmul(g2, w, bt=True).reshape(x.shape) if tiles else jnp.dot(g, w.T)
     if g2.shape[-1] <= TN_DW_MAX:       # contract the token axis in place: dW = x^T @ g, no copy
-        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+        dw = (attention_cpu.tile_matmul(x2, g2, at=True) if tiles else
+              jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))))
     elif x2.size <= g2.size + w.size:   # transpose x: dW = x^T @ g
         dw = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
     else:                             # cheaper to transpose g and the result: dW = (g^T @ x)^T
         dw = jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g2.T), x2)).T
-    return jnp.dot(g, w.T), dw
+    return dx, dw
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
@@ -212,14 +222,14 @@ def _head_xent(x, w, targets, vocab_size: int):
     (under differentiation) d loss / d logits in the same pass, over the logits' own buffer. The backward pass is
     then the head's two products with each row's cotangent applied to the small side: dx = (dz w^T) * g and
     dw = (x * g)^T dz; no (tokens, vocab) elementwise pass is left."""
-    z = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+    z = _product(x.reshape(-1, x.shape[-1]), w)
     losses, _ = attention_cpu.softcap_xent(z, targets.reshape(-1), vocab_size, SOFTCAP, grad=False)
     return losses.reshape(targets.shape)
 
 
 def _head_xent_fwd(x, w, targets, vocab_size):
     x2 = x.reshape(-1, x.shape[-1])
-    losses, dz = attention_cpu.softcap_xent(jnp.dot(x2, w), targets.reshape(-1), vocab_size, SOFTCAP)
+    losses, dz = attention_cpu.softcap_xent(_product(x2, w), targets.reshape(-1), vocab_size, SOFTCAP)
     return losses.reshape(targets.shape), (x2, w, dz)
 
 

@@ -149,51 +149,55 @@ inline void pack_b(const float* B, int ldb, int n, int p0, int kc, int splits, u
   }
 }
 
+// The 32 x 32 block of C at c (row stride ldc) = (or += with load) the product of A's two 16-row tiles a0, a1 and
+// B's two 16-column tiles b0, b1 over nkb packed k tiles: with np = 2 the tiles alternate high and low pieces.
+inline void block(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1, int nkb, int np,
+                  float* c, int ldc, bool load) {
+  const int64_t cs = static_cast<int64_t>(ldc) * 4;
+  if (load) {
+    _tile_loadd(0, c, cs); _tile_loadd(1, c + 16, cs);
+    _tile_loadd(2, c + 16 * ldc, cs); _tile_loadd(3, c + 16 * ldc + 16, cs);
+  } else {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  }
+  // each multiply issued as soon as its operands are loaded
+  auto step = [](const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1) {
+    _tile_loadd(4, a0, 64); _tile_loadd(6, b0, 64); _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b1, 64); _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1, 64); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+  };
+  if (np == 1) {
+    for (int kb = 0; kb < nkb; ++kb) step(a0 + kb * TILE, a1 + kb * TILE, b0 + kb * TILE, b1 + kb * TILE);
+  } else {
+    for (int kb = 0; kb < nkb; kb += 2) {   // tiles kb: high pieces, kb + 1: low pieces
+      const int h = kb * TILE, l = h + TILE;
+      step(a0 + h, a1 + h, b0 + l, b1 + l);                          // Ah Bl
+      _tile_loadd(6, b0 + h, 64); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 5, 6);   // Ah Bh
+      _tile_loadd(7, b1 + h, 64); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(3, 5, 7);
+      _tile_loadd(4, a0 + l, 64); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);   // Al Bh
+      _tile_loadd(5, a1 + l, 64); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, cs); _tile_stored(1, c + 16, cs);
+  _tile_stored(2, c + 16 * ldc, cs); _tile_stored(3, c + 16 * ldc + 16, cs);
+}
+
 // C (m x n) = A B, or C += A B with acc; AT / BT: A / B given transposed (pack_a, pack_b). sym: C is symmetric
 // (m == n): only the 32 x 32 blocks on or above the diagonal are computed, the lower triangle copied from the upper.
 template <bool AT = false, bool BT = false>
 inline void product(Packs& pk, const float* A, int lda, const float* B, int ldb, float* C, int ldc, int m, int n,
                     int k, int splits, bool sym, bool acc = false) {
   configure();
-  const int64_t cs = static_cast<int64_t>(ldc) * 4;
   for (int p0 = 0; p0 < k; p0 += KCH) {
     const int kc = std::min(KCH, k - p0), np = pieces(splits), nkb = kc / KB * np;
     pack_a<AT>(A, lda, m, p0, kc, splits, pk.a.data());
     pack_b<BT>(B, ldb, n, p0, kc, splits, pk.b.data());
-    const bool load = acc || p0 > 0;
     for (int j = 0; j < n; j += 32) {
       const uint16_t* b0 = pk.b.data() + (j / 16) * nkb * TILE;
-      const uint16_t* b1 = b0 + nkb * TILE;
       for (int i = 0; i < (sym ? std::min(m, j + 32) : m); i += 32) {
         const uint16_t* a0 = pk.a.data() + (i / 16) * nkb * TILE;
-        const uint16_t* a1 = a0 + nkb * TILE;
-        float* c = C + static_cast<int64_t>(i) * ldc + j;
-        if (load) {
-          _tile_loadd(0, c, cs); _tile_loadd(1, c + 16, cs);
-          _tile_loadd(2, c + 16 * ldc, cs); _tile_loadd(3, c + 16 * ldc + 16, cs);
-        } else {
-          _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        }
-        // each multiply issued as soon as its operands are loaded
-        auto step = [](const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1) {
-          _tile_loadd(4, a0, 64); _tile_loadd(6, b0, 64); _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(7, b1, 64); _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, a1, 64); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-        };
-        if (np == 1) {
-          for (int kb = 0; kb < nkb; ++kb) step(a0 + kb * TILE, a1 + kb * TILE, b0 + kb * TILE, b1 + kb * TILE);
-        } else {
-          for (int kb = 0; kb < nkb; kb += 2) {   // tiles kb: high pieces, kb + 1: low pieces
-            const int h = kb * TILE, l = h + TILE;
-            step(a0 + h, a1 + h, b0 + l, b1 + l);                          // Ah Bl
-            _tile_loadd(6, b0 + h, 64); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(2, 5, 6);   // Ah Bh
-            _tile_loadd(7, b1 + h, 64); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(3, 5, 7);
-            _tile_loadd(4, a0 + l, 64); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);   // Al Bh
-            _tile_loadd(5, a1 + l, 64); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-          }
-        }
-        _tile_stored(0, c, cs); _tile_stored(1, c + 16, cs);
-        _tile_stored(2, c + 16 * ldc, cs); _tile_stored(3, c + 16 * ldc + 16, cs);
+        block(a0, a0 + nkb * TILE, b0, b0 + nkb * TILE, nkb, np, C + static_cast<int64_t>(i) * ldc + j, ldc,
+              acc || p0 > 0);
       }
     }
   }

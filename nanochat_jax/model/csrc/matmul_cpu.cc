@@ -10,10 +10,14 @@
 // at the end (m x n, small next to w).
 //
 // Layouts (row-major): x (m, k), w (k, n), y (m, n). Requirement, checked in Python: n % 32 == 0.
+//
+// Also here: the model's large products (training's forward and backward matmuls, the LM head) on the AMX tile unit
+// as bf16x3 (amx.h), where the CPU has one; see TileMatmul below.
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 namespace {
@@ -83,7 +87,99 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// C (m x n) = op(A) op(B) for large fp32 operands, as bf16x3 on the AMX tile unit: op(A) = A (m x k) or, with at,
+// A given as (k x m); op(B) = B (k x n) or, with bt, B given as (n x k). So the backward pass's dx = g w^T and
+// dw = x^T g take their operands as they lie, as the forward's y = x w does.
+//
+// Why: the tile unit multiplies bf16 far faster than the fp32 vector units; as three bf16 products per fp32 one
+// (amx.h) the model's block and head products take about half their fp32 time, at fp32-grade precision (the dropped
+// low x low term is ~2^-16 of each product; accumulation is fp32).
+//
+// How: a transposed A is first transposed in 16 x 16 blocks (the tile packing of a transposed A goes element by
+// element). B is packed once, all of k, by groups of columns in parallel. Then each work item, a block of MC rows of
+// A and a range of columns, packs its rows of A one k chunk of GK at a time (in L2) and multiplies them by the
+// packed B panels into C, 32 x 32 blocks of C accumulated in tiles. Items sharing a column range are numbered
+// together, so the threads read the same part of the packed B at about the same time. Each element of C is computed
+// by one item in a fixed order: the result does not depend on the thread count. Requirements, checked in Python:
+// m, n, k multiples of 32.
+constexpr int MC = 256;   // rows of A per work item: its packed chunk (MC x GK, two pieces) stays in L2
+constexpr int GK = 512;   // k per packed chunk of A
+constexpr int ITEMS = 8;  // at least this many work items where the rows allow (column ranges split further)
+
+#ifdef NANOCHAT_AMX
+template <bool BT>
+void tile_matmul(ffi::ThreadPool& pool, const float* A, const float* B, float* C, int m, int n, int k) {
+  constexpr int np = 2;
+  const int ldb = BT ? k : n, nkb = k / amx::KB * np;
+  std::vector<uint16_t> bp(static_cast<size_t>(k) * n * np);
+  parallel_for(pool, n / 32, [&](int64_t item) {
+    const int j0 = static_cast<int>(item) * 32;
+    amx::pack_b<BT>(BT ? B + static_cast<int64_t>(j0) * ldb : B + j0, ldb, 32, 0, k, 3,
+                    bp.data() + static_cast<size_t>(j0 / 16) * nkb * amx::TILE);
+  });
+  const int mb = (m + MC - 1) / MC, nb = std::min(n / 32, (ITEMS + mb - 1) / mb);
+  const int nc = (n / 32 + nb - 1) / nb * 32;
+  parallel_for(pool, static_cast<int64_t>(mb) * nb, [&](int64_t item) {
+    const int i0 = static_cast<int>(item % mb) * MC, rows = std::min(MC, m - i0);
+    const int j0 = static_cast<int>(item / mb) * nc, j1 = std::min(n, j0 + nc);
+    thread_local std::vector<uint16_t> ap;
+    ap.resize(static_cast<size_t>(MC) * GK * np);
+    amx::configure();
+    for (int p0 = 0; p0 < k; p0 += GK) {
+      const int kc = std::min(GK, k - p0), nkc = kc / amx::KB * np;
+      amx::pack_a<false>(A + static_cast<int64_t>(i0) * k, k, rows, p0, kc, 3, ap.data());
+      for (int j = j0; j < j1; j += 32) {
+        const uint16_t* b0 = bp.data() + (static_cast<size_t>(j / 16) * nkb + p0 / amx::KB * np) * amx::TILE;
+        for (int i = 0; i < rows; i += 32) {
+          const uint16_t* a0 = ap.data() + static_cast<size_t>(i / 16) * nkc * amx::TILE;
+          amx::block(a0, a0 + nkc * amx::TILE, b0, b0 + static_cast<size_t>(nkb) * amx::TILE, nkc, np,
+                     C + static_cast<int64_t>(i0 + i) * n + j, n, p0 > 0);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+ffi::Error TileMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                      ffi::ResultBuffer<ffi::F32> c, bool at, bool bt) {
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2)
+    return ffi::Error::InvalidArgument("matmul_cpu: tile_matmul needs two matrices");
+  const int64_t m = at ? ad[1] : ad[0], k = at ? ad[0] : ad[1], n = bt ? bd[0] : bd[1];
+  if ((bt ? bd[1] : bd[0]) != k || m % 32 || n % 32 || k % 32)
+    return ffi::Error::InvalidArgument("matmul_cpu: tile_matmul needs matching k and m, n, k multiples of 32");
+  if (!amx::ready())
+    return ffi::Error::InvalidArgument("matmul_cpu: tile_matmul needs the AMX tile unit");
+#ifdef NANOCHAT_AMX
+  const float* ap = a.typed_data();
+  std::vector<float> t;
+  if (at) {   // A given as (k x m): transposed into t (m x k), 256 of its rows per item
+    t.resize(static_cast<size_t>(m) * k);
+    parallel_for(pool, (k + 255) / 256, [&](int64_t item) {
+      const int64_t p0 = item * 256, p1 = std::min(k, p0 + 256);
+      transpose(ap + p0 * m, m, t.data() + p0, k, p1 - p0, m);
+    });
+    ap = t.data();
+  }
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  if (bt) tile_matmul<true>(pool, ap, b.typed_data(), c->typed_data(), mi, ni, ki);
+  else tile_matmul<false>(pool, ap, b.typed_data(), c->typed_data(), mi, ni, ki);
+#endif
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatTileMatmul, TileMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("at")
+                                  .Attr<bool>("bt"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NanochatSmallMatmul, SmallMatmul,
                               ffi::Ffi::Bind()
