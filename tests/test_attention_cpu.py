@@ -379,8 +379,8 @@ def test_tile_matmul_takes_sides_of_at_least_128_in_multiples_of_32(monkeypatch)
 
 @pytest.mark.parametrize("amx", ["1", "0"])
 def test_linear_and_the_head_take_the_tile_kernel_for_large_products_and_keep_their_gradients(monkeypatch, amx):
-    """A training-sized linear (forward, dx and dW on the tiles) and the LM head (logits and dx on the tiles; its
-    wide dW stays on XLA) against the plain products' autodiff. NANOCHAT_AMX=0: XLA's fp32 products only."""
+    """A training-sized linear and the LM head (logits, dx and dW on the tiles) against the plain products'
+    autodiff. NANOCHAT_AMX=0: XLA's fp32 products only."""
     monkeypatch.setenv("NANOCHAT_AMX", amx)
     calls = []
     real = attention_cpu.tile_matmul
@@ -400,11 +400,11 @@ def test_linear_and_the_head_take_the_tile_kernel_for_large_products_and_keep_th
         assert max_rel(a, b) < 2e-5
 
     calls.clear()
-    hx, hw, targets = _head(256, 128, 4160, 4100)          # 4,160 columns: wider than TN_DW_MAX
+    hx, hw, targets = _head(256, 128, 4160, 4100)          # 4,160 columns: wider than TN_DW_MAX, padded
     hx, targets = hx.reshape(2, 128, 128), targets.reshape(2, 128)
     ours = jax.value_and_grad(lambda x, w: model.head_losses(x, w, targets, 4100).sum(), argnums=(0, 1))
     plain = lambda x, w: _plain_head(x.reshape(-1, 128), w, targets.reshape(-1), 4100).sum()  # noqa: E731
     (l1, (dx1, dw1)), (l0, (dx0, dw0)) = ours(hx, hw * 0.1), jax.value_and_grad(plain, argnums=(0, 1))(hx, hw * 0.1)
-    assert calls == ([(False, False), (False, True)] if tiles else [])   # logits, dx
+    assert calls == ([(False, False), (False, True), (True, False)] if tiles else [])   # logits, dx, dW
     np.testing.assert_allclose(l1, l0, rtol=2e-5)
     assert max_rel(dx1, dx0) < 2e-5 and max_rel(dw1, dw0) < 2e-5

@@ -47,8 +47,8 @@ def _cpu_matmul(x, w):
     (tokens, vocab) cotangent got a 256 MB transposed copy that took longer than the matmuls.
     A few rows (a decode step) go through attention_cpu's small-matmul kernel, which streams the weights once. On a
     CPU with AMX, products with every side >= 128 (training's, a long prefill's, the head's logits and dx) run on the
-    tile unit as bf16x3 (attention_cpu.tile_matmul): about twice XLA's fp32 rate, within ~1e-5 of the fp32 product's
-    largest entry; the head's wide weight gradient stays on XLA, where the tile kernel was no faster."""
+    tile unit as bf16x3 (attention_cpu.tile_matmul), all three products with their operands as they lie: about
+    twice XLA's fp32 rate, within ~1e-5 of the fp32 product's largest entry."""
     return _product(x, w)
 
 
@@ -68,16 +68,15 @@ def _cpu_matmul_fwd(x, w):
 def _cpu_matmul_bwd(res, g):
     x, w = res
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    tiles = attention_cpu.supports_tile(*x2.shape, g2.shape[-1])   # the same three sides as the forward's
-    dx = attention_cpu.tile_matmul(g2, w, bt=True).reshape(x.shape) if tiles else jnp.dot(g, w.T)
+    if attention_cpu.supports_tile(*x2.shape, g2.shape[-1]):   # the same three sides as the forward's
+        return attention_cpu.tile_matmul(g2, w, bt=True).reshape(x.shape), attention_cpu.tile_matmul(x2, g2, at=True)
     if g2.shape[-1] <= TN_DW_MAX:       # contract the token axis in place: dW = x^T @ g, no copy
-        dw = (attention_cpu.tile_matmul(x2, g2, at=True) if tiles else
-              jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))))
+        dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
     elif x2.size <= g2.size + w.size:   # transpose x: dW = x^T @ g
         dw = jnp.dot(jax.lax.optimization_barrier(x2.T), g2)
     else:                             # cheaper to transpose g and the result: dW = (g^T @ x)^T
         dw = jax.lax.optimization_barrier(jnp.dot(jax.lax.optimization_barrier(g2.T), x2)).T
-    return dx, dw
+    return jnp.dot(g, w.T), dw
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)

@@ -1,6 +1,6 @@
 // Products on Intel AMX (Advanced Matrix Extensions): C (m x n, fp32) = A (m x k) B (k x n) from fp32 operands
 // rounded to bfloat16, multiplied by the tile unit with fp32 accumulation. muon_cpu.cc runs Muon's polar iteration
-// through it (by default as bf16x3, below).
+// through `product`, matmul_cpu.cc the model's large products through `block` (both by default as bf16x3, below).
 //
 // Why: on a CPU with AMX the tile unit multiplies bf16 far faster than the fp32 vector units (16 x 16 x 32
 // multiply-adds per instruction), so even three bf16 products per fp32 one take about half the time of the fp32
@@ -73,6 +73,34 @@ inline __m256i piece(__m512 v, bool lo) {
   return (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, back));
 }
 
+// Two rows of 16 bf16 (in the low and high halves of a vector) -> 16 interleaved pairs, by _mm512_permutexvar_epi16.
+alignas(64) inline const uint16_t VNNI_ORDER[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+// r[i] lane j <- r[j] lane i, for 16 vectors of 16 32-bit lanes: pairs, quads, then 128-bit blocks exchanged.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
 // A rows [0, m), k [p0, p0 + kc) -> tiles (i / 16, kb) at dst + ((i / 16) * nkb + kb) * TILE, nkb = kc / 32 * np,
 // np = pieces(splits): the tile of piece s (0 high, 1 low) of k block b is number b * np + s.
 // AT: A is given transposed (k x m, lda), element (i, p) at A[p * lda + i].
@@ -91,19 +119,24 @@ inline void pack_a(const float* A, int lda, int m, int p0, int kc, int splits, u
           _mm256_storeu_si256((__m256i*)(t + 16), piece(v1, lo));
         }
       }
-  } else {   // 32 k rows of 16 values each, converted, then transposed into the tile's 16 rows of 32
-    alignas(64) uint16_t tmp[KB][16];
+  } else {   // k rows paired as in pack_b's VNNI tiles (a pair per 32-bit lane), then a 16 x 16 transpose of pairs
+    const __m512i idx = _mm512_load_si512(VNNI_ORDER);
+    __m512i r[2][16];
     for (int i = 0; i < m; i += 16)
-      for (int kb = 0; kb < kc / KB; ++kb)
-        for (int s = 0; s < np; ++s) {
-          const bool lo = s == 1;
-          for (int q = 0; q < KB; ++q)
-            _mm256_store_si256((__m256i*)tmp[q],
-                               piece(_mm512_loadu_ps(A + static_cast<int64_t>(p0 + kb * KB + q) * lda + i), lo));
-          uint16_t* t = dst + ((i / 16) * nkb + kb * np + s) * TILE;
-          for (int r = 0; r < 16; ++r)
-            for (int q = 0; q < KB; ++q) t[r * KB + q] = tmp[q][r];
+      for (int kb = 0; kb < kc / KB; ++kb) {
+        for (int q = 0; q < 16; ++q) {
+          const float* src = A + static_cast<int64_t>(p0 + kb * KB + 2 * q) * lda + i;
+          const __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + lda);
+          for (int s = 0; s < np; ++s)
+            r[s][q] = _mm512_permutexvar_epi16(
+                idx, _mm512_inserti64x4(_mm512_castsi256_si512(piece(v0, s == 1)), piece(v1, s == 1), 1));
         }
+        for (int s = 0; s < np; ++s) {
+          transpose16(r[s]);
+          uint16_t* t = dst + ((i / 16) * nkb + kb * np + s) * TILE;
+          for (int q = 0; q < 16; ++q) _mm512_storeu_si512(t + q * KB, r[s][q]);
+        }
+      }
   }
 }
 
@@ -114,9 +147,7 @@ template <bool BT>
 inline void pack_b(const float* B, int ldb, int n, int p0, int kc, int splits, uint16_t* dst) {
   const int np = pieces(splits), nkb = kc / KB * np;
   if constexpr (!BT) {
-    alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i idx = _mm512_load_si512(order);
+    const __m512i idx = _mm512_load_si512(VNNI_ORDER);
     for (int kb = 0; kb < kc / KB; ++kb)
       for (int r = 0; r < 16; ++r) {
         const float* r0 = B + static_cast<int64_t>(p0 + kb * KB + 2 * r) * ldb;

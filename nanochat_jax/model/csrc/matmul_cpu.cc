@@ -15,6 +15,7 @@
 // as bf16x3 (amx.h), where the CPU has one; see TileMatmul below.
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "amx.h"
@@ -95,8 +96,7 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 // (amx.h) the model's block and head products take about half their fp32 time, at fp32-grade precision (the dropped
 // low x low term is ~2^-16 of each product; accumulation is fp32).
 //
-// How: a transposed A is first transposed in 16 x 16 blocks (the tile packing of a transposed A goes element by
-// element). B is packed once, all of k, by groups of columns in parallel. Then each work item, a block of MC rows of
+// How: B is packed once, all of k, by groups of columns in parallel. Then each work item, a block of MC rows of
 // A and a range of columns, packs its rows of A one k chunk of GK at a time (in L2) and multiplies them by the
 // packed B panels into C, 32 x 32 blocks of C accumulated in tiles. Items sharing a column range are numbered
 // together, so the threads read the same part of the packed B at about the same time. Each element of C is computed
@@ -107,10 +107,48 @@ constexpr int GK = 512;   // k per packed chunk of A
 constexpr int ITEMS = 8;  // at least this many work items where the rows allow (column ranges split further)
 
 #ifdef NANOCHAT_AMX
-template <bool BT>
+// Where A has few rows (a weight gradient: m = the layer's width, k = the tokens) the roles turn: A is packed once
+// and each item, a range of NB columns, packs its columns of B one k chunk at a time, so B (there the large
+// operand) is read and converted once and its packed form never leaves L2.
+constexpr int FEW_ROWS = 512;   // m up to this: B streamed (A packed whole: m x k x 4 bytes, in L3)
+constexpr int NB = 128;         // columns per item then: its chunks of A (m x GK), B and its C block fit L2
+
+template <bool AT, bool BT>
+void tile_matmul_few_rows(ffi::ThreadPool& pool, const float* A, const float* B, float* C, int m, int n, int k) {
+  constexpr int np = 2;
+  const int lda = AT ? m : k, ldb = BT ? k : n, nkb = k / amx::KB * np;
+  const size_t group = static_cast<size_t>(nkb) * amx::TILE;   // packed elements per 16 rows of A
+  std::vector<uint16_t> ap(static_cast<size_t>(m) * k * np);
+  parallel_for(pool, m / 32, [&](int64_t item) {
+    const int i0 = static_cast<int>(item) * 32;
+    amx::pack_a<AT>(AT ? A + i0 : A + static_cast<int64_t>(i0) * lda, lda, 32, 0, k, 3, ap.data() + i0 / 16 * group);
+  });
+  parallel_for(pool, (n + NB - 1) / NB, [&](int64_t item) {
+    const int j0 = static_cast<int>(item) * NB, cols = std::min(NB, n - j0);
+    thread_local std::vector<uint16_t> bp;
+    bp.resize(static_cast<size_t>(NB) * GK * np);
+    amx::configure();
+    for (int p0 = 0; p0 < k; p0 += GK) {
+      const int kc = std::min(GK, k - p0), nkc = kc / amx::KB * np;
+      const size_t at = static_cast<size_t>(p0) / amx::KB * np * amx::TILE;   // the chunk within a 16-row group
+      amx::pack_b<BT>(BT ? B + static_cast<int64_t>(j0) * ldb : B + j0, ldb, cols, p0, kc, 3, bp.data());
+      for (int j = 0; j < cols; j += 32) {
+        const uint16_t* b0 = bp.data() + static_cast<size_t>(j / 16) * nkc * amx::TILE;
+        for (int i = 0; i < m; i += 32) {
+          const uint16_t* a0 = ap.data() + i / 16 * group + at;
+          amx::block(a0, a0 + group, b0, b0 + static_cast<size_t>(nkc) * amx::TILE, nkc, np,
+                     C + static_cast<int64_t>(i) * n + j0 + j, n, p0 > 0);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+template <bool AT, bool BT>
 void tile_matmul(ffi::ThreadPool& pool, const float* A, const float* B, float* C, int m, int n, int k) {
   constexpr int np = 2;
-  const int ldb = BT ? k : n, nkb = k / amx::KB * np;
+  const int lda = AT ? m : k, ldb = BT ? k : n, nkb = k / amx::KB * np;
   std::vector<uint16_t> bp(static_cast<size_t>(k) * n * np);
   parallel_for(pool, n / 32, [&](int64_t item) {
     const int j0 = static_cast<int>(item) * 32;
@@ -127,7 +165,7 @@ void tile_matmul(ffi::ThreadPool& pool, const float* A, const float* B, float* C
     amx::configure();
     for (int p0 = 0; p0 < k; p0 += GK) {
       const int kc = std::min(GK, k - p0), nkc = kc / amx::KB * np;
-      amx::pack_a<false>(A + static_cast<int64_t>(i0) * k, k, rows, p0, kc, 3, ap.data());
+      amx::pack_a<AT>(AT ? A + i0 : A + static_cast<int64_t>(i0) * lda, lda, rows, p0, kc, 3, ap.data());
       for (int j = j0; j < j1; j += 32) {
         const uint16_t* b0 = bp.data() + (static_cast<size_t>(j / 16) * nkb + p0 / amx::KB * np) * amx::TILE;
         for (int i = 0; i < rows; i += 32) {
@@ -153,19 +191,20 @@ ffi::Error TileMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   if (!amx::ready())
     return ffi::Error::InvalidArgument("matmul_cpu: tile_matmul needs the AMX tile unit");
 #ifdef NANOCHAT_AMX
-  const float* ap = a.typed_data();
-  std::vector<float> t;
-  if (at) {   // A given as (k x m): transposed into t (m x k), 256 of its rows per item
-    t.resize(static_cast<size_t>(m) * k);
-    parallel_for(pool, (k + 255) / 256, [&](int64_t item) {
-      const int64_t p0 = item * 256, p1 = std::min(k, p0 + 256);
-      transpose(ap + p0 * m, m, t.data() + p0, k, p1 - p0, m);
-    });
-    ap = t.data();
-  }
+  const float *ap = a.typed_data(), *bp = b.typed_data();
+  float* cp = c->typed_data();
   const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  if (bt) tile_matmul<true>(pool, ap, b.typed_data(), c->typed_data(), mi, ni, ki);
-  else tile_matmul<false>(pool, ap, b.typed_data(), c->typed_data(), mi, ni, ki);
+  auto run = [&](auto at_, auto bt_) {
+    constexpr bool AT = decltype(at_)::value, BT = decltype(bt_)::value;
+    if (m <= FEW_ROWS) tile_matmul_few_rows<AT, BT>(pool, ap, bp, cp, mi, ni, ki);
+    else tile_matmul<AT, BT>(pool, ap, bp, cp, mi, ni, ki);
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (at && bt) run(T{}, T{});
+  else if (at) run(T{}, F{});
+  else if (bt) run(F{}, T{});
+  else run(F{}, F{});
 #endif
   return ffi::Error::Success();
 }
