@@ -281,7 +281,9 @@ def test_muon_takes_the_polar_kernel_on_cpu_and_equals_its_xla_path(monkeypatch)
 
 
 @pytest.mark.parametrize("lead,k,n", [
-    ((1,), 512, 512),     # one row; two threads' ranges of w's rows
+    ((1,), 512, 512),     # one row (w's rows summed in order); two threads' ranges of w's rows
+    ((1,), 75, 96),       # one row, one thread, k not a multiple of the one-row kernel's 8 rows
+    ((1, 1), 1030, 8192), # one row, threaded, wide (the head), ranges not a multiple of 8 rows
     ((3,), 100, 96),      # one thread (w under 64 KB); k not a multiple of the kernel's 16-row chunk
     ((8, 1), 300, 2048),  # a decode step's (B, 1, k) activations; threaded, k not a multiple of 16 either
     ((13,), 64, 8192),    # a full register group of rows and a remainder; wide
@@ -294,6 +296,23 @@ def test_small_matmul_equals_the_product(lead, k, n):
     y = jax.jit(attention_cpu.small_matmul)(x, w)
     assert y.shape == (*lead, n)
     assert max_rel(np.asarray(y), np.asarray(x, np.float64) @ np.asarray(w, np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("V", [1, 17, 8192, 8197])
+def test_row_argmax_is_jnp_argmax(V):
+    """First index of the largest value, ties and all: every value equal, all -inf, +inf twice, NaNs (the first
+    NaN wins, as in jnp.argmax), a tie in the vector part and the scalar tail, leading dimensions."""
+    rng = np.random.default_rng(V)
+    z = rng.standard_normal((8, V)).astype(np.float32)
+    z[1] = np.round(z[1])
+    z[2] = -np.inf
+    z[3, [V // 2, V - 1]] = np.nan
+    z[4, [0, V - 1]] = np.inf
+    z[5] = 0.0
+    z[6, [V // 3, V - 1]] = 9.0
+    got = jax.jit(attention_cpu.row_argmax)(jnp.asarray(z.reshape(2, 4, V)))
+    assert got.dtype == jnp.int32 and got.shape == (2, 4)
+    np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.asarray(jnp.argmax(jnp.asarray(z), -1)))
 
 
 def test_small_matmul_takes_up_to_16_rows_and_widths_of_32():

@@ -85,13 +85,15 @@ class ScriptedModel:
         return FakeCache(jnp.full((batch, max_len), -1, jnp.int32))
 
     @staticmethod
-    def forward_cached(params, tokens, cache, pos, config):
+    def forward_cached(params, tokens, cache, pos, config, last=None):
         B, t = tokens.shape
         positions = pos[:, None] + jnp.arange(t)[None, :]
         rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, t))
         new = cache.tokens.at[rows, positions].set(tokens, mode="drop")
         nxt = params["script"][jnp.minimum(positions + 1, params["script"].shape[0] - 1)]
         logits = 50.0 * jax.nn.one_hot(nxt, config.vocab_size)  # a 50-nat margin: sampling is deterministic
+        if last is not None:
+            logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)
         return logits, FakeCache(new)
 
 

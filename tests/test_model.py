@@ -331,6 +331,16 @@ def test_cached_decode_2025_recipe():
         np.testing.assert_allclose(logits[:, 0], full[:, p], rtol=0, atol=1e-5)
     assert len(cache.k) == len(cache.v) == 2 and cache.tokens.shape == (2, 64)
     assert cache.k[0].shape == (2, 2, 64, 64) and cache.v[0].shape == (2, 2, 64, 64)   # (B, KV, D, T), (B, KV, T, D)
+    # a prefill that wants one position's logits per row (`last`) gets those, and the same cache
+    cache2 = model.init_cache(config, 2, 64, jnp.float32)
+    last, cache2 = step(params, jnp.asarray(seqs[:, :30]), cache2, jnp.zeros(2, jnp.int32), config,
+                        jnp.asarray([29, 7], jnp.int32))
+    assert last.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(last[:, 0], full[[0, 1], [29, 7]], rtol=0, atol=1e-5)
+    _, ref_cache = step(params, jnp.asarray(seqs[:, :30]), model.init_cache(config, 2, 64, jnp.float32),
+                        jnp.zeros(2, jnp.int32), config)
+    for a, b in zip(jax.tree.leaves(cache2), jax.tree.leaves(ref_cache)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ steps with sampling inside the jit, and nanochat's tool-use state machine on the
 Shapes never depend on a prompt or a step: the cache holds, per layer, (B, KV, D, Tmax) keys and (B, KV, Tmax, D)
 values (see model.KVCache) for a fixed batch of B *rows*, each row at its own position (pos: int32[B], traced), so
 rows at different positions share one decode step. A prompt is prefilled in a batch-1 cache, padded up to a length
-bucket (powers of two up to max_len), then copied into the rows that will continue it (num_samples rows share one
-prefill).
+bucket (powers of two up to max_len), the LM head applied at its last token only, then copied into the rows that
+will continue it (num_samples rows share one prefill).
 
 Decoding runs up to DECODE_CHUNK steps per device call (`Engine._chunk`, a `lax.while_loop`): every step feeds each
 row's last token back in, and a row pauses on the device where the host must act (a stop token, a closed tool
@@ -111,9 +111,9 @@ class Engine:
 
         def prefill(params, cache1, tokens, length):
             """tokens (1, bucket) right-padded, `length` real ones -> (fp32 logits (V,) at length-1, cache1)."""
-            logits, cache1 = model.forward_cached(params, tokens, cache1, jnp.zeros((1,), jnp.int32), config)
-            last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0, keepdims=False)
-            return last[:config.vocab_size], cache1
+            logits, cache1 = model.forward_cached(params, tokens, cache1, jnp.zeros((1,), jnp.int32), config,
+                                                  last=jnp.reshape(length - 1, (1,)))
+            return logits[0, 0, :config.vocab_size], cache1
 
         def admit(cache, cache1, rows, logits, keys, pos, temperature, top_k, top_p, filtered):
             """Copy the batch-1 cache into the rows where `rows` (B,) is set; sample each row's first token."""

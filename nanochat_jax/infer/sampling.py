@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nanochat_jax.model import kernels_cpu
+
 
 def sample_logits(logits, keys, pos, temperature, top_k, top_p, filtered: bool):
     """Next token per row. logits (B, V) fp32; keys (B, 2) uint32 (the row's base key; folded with `pos`, the
@@ -14,7 +16,7 @@ def sample_logits(logits, keys, pos, temperature, top_k, top_p, filtered: bool):
     sorts the vocabulary)."""
     logits = logits.astype(jnp.float32)
     B, V = logits.shape
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = kernels_cpu.argmax(logits)
     t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
     scaled = logits / t[:, None]
     if filtered:

@@ -41,7 +41,7 @@ HEAD_MULTIPLE = 32  # and the head dim a multiple of its micro-kernel's width
 _TARGETS = {"nanochat_attention_fwd": "NanochatAttentionForward", "nanochat_attention_bwd": "NanochatAttentionBackward",
             "nanochat_cached_attention": "NanochatCachedAttention", "nanochat_softcap_xent": "NanochatSoftcapXent",
             "nanochat_polar_iterate": "NanochatPolarIterate", "nanochat_small_matmul": "NanochatSmallMatmul",
-            "nanochat_tile_matmul": "NanochatTileMatmul",
+            "nanochat_tile_matmul": "NanochatTileMatmul", "nanochat_row_argmax": "NanochatRowArgmax",
             "nanochat_attention_rope_fwd": "NanochatAttentionRopeForward",
             "nanochat_attention_rope_bwd": "NanochatAttentionRopeBackward"}
 
@@ -282,3 +282,11 @@ def small_matmul(x, w):
     out = jax.ShapeDtypeStruct((x2.shape[0], w.shape[1]), jnp.float32)
     y = jax.ffi.ffi_call("nanochat_small_matmul", out, vmap_method="sequential")(x2, w)
     return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def row_argmax(z):
+    """jnp.argmax(z, axis=-1) for fp32 z (..., V) as int32 (csrc/xent_cpu.cc): the first index of each row's largest
+    value (its first NaN where it holds one), in one vectorized pass over the row."""
+    _require()
+    out = jax.ShapeDtypeStruct(z.shape[:-1], jnp.int32)
+    return jax.ffi.ffi_call("nanochat_row_argmax", out, vmap_method="broadcast_all")(z)

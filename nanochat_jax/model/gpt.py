@@ -265,7 +265,7 @@ class GPT(nn.Module):
         losses = head_losses(x, self.lm_head, targets, self.config.vocab_size)
         return losses.sum(), (targets >= 0).sum().astype(F32)
 
-    def decode(self, tokens, cache: KVCache, pos):
+    def decode(self, tokens, cache: KVCache, pos, last=None):
         """See `forward_cached`."""
         B, t = tokens.shape
         Tmax = cache.tokens.shape[1]
@@ -278,6 +278,8 @@ class GPT(nn.Module):
         prev_tok = jnp.take_along_axis(cache.tokens, jnp.maximum(pos - 1, 0)[:, None], axis=1)[:, 0]
         x, caches = self.hidden(tokens, cos, sin, list(zip(cache.k, cache.v)), CacheSlots(rows, positions, delta),
                                 prev=self.embed(prev_tok), positions=positions)
+        if last is not None:   # only one position's logits are wanted: the head's product for that row alone
+            x = jnp.take_along_axis(x, last.astype(jnp.int32)[:, None, None], axis=1)
         logits = softcap(self.head(x)[..., :self.config.vocab_size])
         new_tokens = cache.tokens.at[rows, positions].set(tokens.astype(jnp.int32), mode="drop")
         return logits, KVCache(tuple(k for k, _ in caches), tuple(v for _, v in caches), new_tokens)
@@ -329,9 +331,11 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
     return KVCache(k, v, jnp.zeros((batch, max_len), jnp.int32))
 
 
-def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig):
+def forward_cached(params, tokens, cache: KVCache, pos, config: ModelConfig, last=None):
     """tokens (B, t) at positions pos..pos+t-1 of each row (pos: int32 (B,), traced; rows may differ) ->
     (fp32 logits (B, t, vocab_size), new cache). Positions 0..pos-1 of each row must hold that row's earlier
     tokens; anything the row wrote beyond its position (an abandoned continuation) is ignored. Writes past Tmax
-    are dropped: keep pos + t <= Tmax. Jit with `config` static and donate the cache."""
-    return GPT(config).apply({"params": params}, tokens, cache, pos, method=GPT.decode)
+    are dropped: keep pos + t <= Tmax. With `last` (int (B,), traced) only token last[b] of each row gets logits:
+    (B, 1, vocab_size), the LM head's product taken for that one position (a prefill wants no more). Jit with
+    `config` static and donate the cache."""
+    return GPT(config).apply({"params": params}, tokens, cache, pos, last, method=GPT.decode)

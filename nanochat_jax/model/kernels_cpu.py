@@ -1,5 +1,6 @@
-"""The CPU speed paths, behind the names the model calls: `linear`, `causal_attention` (and
-`normed_causal_attention`, with q and k's rotary embedding and norm), `cached_attention` and `head_losses`.
+"""The CPU speed paths, behind the names the model and the sampler call: `linear`, `causal_attention` (and
+`normed_causal_attention`, with q and k's rotary embedding and norm), `cached_attention`, `head_losses` and
+`argmax`.
 
 Each computes exactly what the plain formula does (tests/test_model.py checks values and gradients against it) and
 takes its faster route only where XLA:CPU needs one: matmuls whose weight gradient is laid out for the CPU's GEMMs,
@@ -123,6 +124,15 @@ def cached_attention(q, k, v, mask, scale: float):
     if jax.default_backend() == "cpu" and attention_cpu.supports_cache(q, k, v) and attention_cpu.available():
         return attention_cpu.cached_attention(q, k, v, mask, scale)
     return ops.cached_attention(q, k, v, mask, scale)
+
+
+def argmax(logits):
+    """jnp.argmax(logits, axis=-1) as int32 (the first index of each row's largest value, its first NaN where it
+    holds one); on CPU in fp32 through the kernel, where XLA:CPU's (value, index) pair reduction takes a noticeable
+    part of a small model's decode step."""
+    if jax.default_backend() == "cpu" and logits.dtype == F32 and attention_cpu.available():
+        return attention_cpu.row_argmax(logits)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 CAUSAL_BLOCKS = 4   # see blocked_causal_attention

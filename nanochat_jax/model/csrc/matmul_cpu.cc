@@ -6,8 +6,8 @@
 // weight read and written again per step), and its threads split the columns, so each reads short runs of every
 // row. Here each thread reads a contiguous range of w's rows, whole rows at a time: KS rows side by side, left to
 // right (long sequential runs, which DRAM and the hardware prefetchers stream best), with every row group of x's
-// accumulators in registers for those KS rows and the next KS rows prefetched; the threads' partial sums are added
-// at the end (m x n, small next to w).
+// accumulators in registers for those KS rows and the next KS rows prefetched (for one row of x, RS of w's rows
+// summed into y in w's own order: one_row); the threads' partial sums are added at the end (m x n, small next to w).
 //
 // Layouts (row-major): x (m, k), w (k, n), y (m, n). Requirement, checked in Python: n % 32 == 0.
 //
@@ -61,6 +61,38 @@ void panels(const float* x, int64_t k, const float* w, int64_t n, float* y, int6
   }
 }
 
+// y (1 x n) = x[:kk] w[:kk, :] for one row of x (batch-1 decoding), as a sum of w's rows: RS rows at a time, each
+// read left to right (RS sequential streams, prefetched PF floats ahead), into y, which stays in L1 (the head's
+// 8,192 columns are 32 KB). With one row of x, the panels' register blocking saves nothing, and reading w in its
+// own order streams it faster than the panels' KS short runs per row.
+constexpr int RS = 8;
+constexpr int PF = 128;
+void one_row(const float* x, const float* w, int64_t n, float* y, int64_t kk) {
+  std::fill(y, y + n, 0.f);
+  int64_t p = 0;
+  for (; p + RS <= kk; p += RS) {
+    vf a[RS];
+    const float* r[RS];
+    for (int i = 0; i < RS; ++i) a[i] = splat(x[p + i]), r[i] = w + (p + i) * n;
+    for (int64_t j = 0; j < n; j += W) {
+      vf s = load(y + j);
+      for (int i = 0; i < RS; ++i) __builtin_prefetch(r[i] + j + PF);
+      for (int i = 0; i < RS; ++i) s += a[i] * load(r[i] + j);
+      store(y + j, s);
+    }
+  }
+  for (; p < kk; ++p) {
+    const vf a = splat(x[p]);
+    for (int64_t j = 0; j < n; j += W) store(y + j, load(y + j) + a * load(w + p * n + j));
+  }
+}
+
+// y (m x n) = x[:, :kk] w[:kk, :]
+void rows_product(const float* x, int64_t k, const float* w, int64_t n, float* y, int64_t m, int64_t kk) {
+  if (m == 1) one_row(x, w, n, y, kk);
+  else panels(x, k, w, n, y, m, kk);
+}
+
 ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -70,7 +102,7 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float *xp = x.typed_data(), *wp = w.typed_data();
   float* yp = y->typed_data();
   if (k * n * 4 < SERIAL || pool.num_threads() <= 1) {
-    panels(xp, k, wp, n, yp, m, k);
+    rows_product(xp, k, wp, n, yp, m, k);
     return ffi::Error::Success();
   }
   // one contiguous range of w's rows per pool thread (with the caller taking one too, a third range would leave a
@@ -80,7 +112,7 @@ ffi::Error SmallMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   parallel_for(pool, items, [&](int64_t t) {
     const int64_t p0 = std::min(k, t * per), p1 = std::min(k, (t + 1) * per);
     float* out = t == 0 ? yp : part.data() + (t - 1) * m * n;
-    if (p1 > p0) panels(xp + p0, k, wp + p0 * n, n, out, m, p1 - p0);
+    if (p1 > p0) rows_product(xp + p0, k, wp + p0 * n, n, out, m, p1 - p0);
     else std::fill(out, out + m * n, 0.f);
   });
   for (int64_t t = 1; t < items; ++t)
