@@ -77,7 +77,7 @@ class Engine:
     params, config: the model (model.init_params / nanochat_jax.load_model). tokenizer: for the special tokens, the
     tool and text pieces. max_batch: the most rows one decode step runs. max_len: the cache length (prompt +
     completion), default config.sequence_len. tool: expr -> result string (default: the sandboxed calculator).
-    model: the module providing init_cache/forward_cached (tests pass a fake).
+    model: the module providing init_cache/forward_cached, with forward_cached's `last` (tests pass a fake).
     """
 
     def __init__(self, params, config, tokenizer, max_batch: int = 32, max_len: int | None = None,
