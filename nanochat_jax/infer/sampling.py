@@ -37,4 +37,4 @@ def sample_logits(logits, keys, pos, temperature, top_k, top_p, filtered: bool):
         return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
     # the Gumbel draw over (B, V) costs as much as a small model's step: skipped when every row is greedy
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy.astype(jnp.int32))
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
